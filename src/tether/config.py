@@ -1,0 +1,202 @@
+"""One config system for every stage: typed dataclasses, filled from a YAML recipe, then `--set` overrides.
+
+Precedence (lowest to highest): dataclass defaults < YAML file < plain CLI flags < `--set key=value`.
+Every key is checked: an unknown key is an error naming the nearest valid one, a value of the wrong
+type or outside its choices is an error naming the key. The resolved config is written to the run
+folder as `config.yaml`, and loading that file reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether.errors import TetherError
+
+
+def _choice(default, choices, help=""):
+    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = "builtin:smollm2-135m-instruct"  # builtin:*, a local folder, or a Hugging Face id
+    dtype: str = _choice("auto", ("auto", "fp32", "bf16"), "auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    lora_r: int = 0  # 0 = full fine-tuning
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target: str = "all-linear"  # comma-separated module names, or all-linear
+    merge: bool = True  # with LoRA: write merged weights to OUT/model (the adapter goes to OUT/adapter)
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:demos"  # JSONL/JSON/Parquet/CSV file, a `datasets` folder, or builtin:demos
+    eval_path: str | None = None  # held-out file; without it `eval_fraction` of `path` is held out
+    eval_fraction: float = 0.1
+    max_length: int = 512
+    overlong: str = _choice("truncate", ("truncate", "drop", "error"), "policy for rows over max_length")
+    packing: bool = False  # pack several examples per row (block-diagonal attention, no leakage)
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/sft"
+    seed: int = 0
+    max_steps: int = 0  # optimizer steps; 0 = derived from epochs
+    epochs: float = 1.0
+    lr: float = 2e-5
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    schedule: str = _choice("cosine", ("cosine", "linear", "constant"))
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 1
+    eval_every: int = 0  # 0 = evaluate only before and after training
+    eval_batches: int = 0  # 0 = the whole held-out split
+    save_every: int = 50  # checkpoint every N steps (and always on SIGTERM/SIGINT and at the end)
+    keep_checkpoints: int = 2
+    max_nan_skips: int = 5  # consecutive non-finite steps skipped before the run stops
+    resume: bool = False
+    report_to: str = _choice("tensorboard", ("none", "tensorboard", "wandb", "mlflow"))
+    verbose: bool = False
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def config_keys(cls) -> list[str]:
+    """All dotted keys of a config class, e.g. ['model.name', 'model.dtype', ...]."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += [f"{f.name}.{k}" for k in config_keys(hints[f.name])]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> TetherError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not near:  # a bare leaf name ('lr') should still find 'train.lr'
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        hit = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.6)
+        near = [leaves[hit[0]]] if hit else []
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return TetherError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str, choices: tuple = ()) -> Any:
+    """Check (and gently convert) a value against a field's type; int -> float is allowed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool))
+    )
+    if not ok:
+        raise TetherError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+    value = tp(value)
+    if choices and value not in choices:
+        raise TetherError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, where: str):
+    if not isinstance(data, dict):
+        raise TetherError(f"config section '{prefix.rstrip('.') or '<root>'}'{where} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    valid = [prefix + k for k in config_keys(cls)]
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise _unknown_key(prefix + str(name), valid, where)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.", where)
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name, fields[name].metadata.get("choices", ()))
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise TetherError(f"cannot set '{key}': '{p}' is not a section")
+        tree = node
+    tree[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-4' -> ('train.lr', 0.0001). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise TetherError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and raw.strip().lower() in ("null", "none", "~"):
+        value = None
+    return key.strip(), value
+
+
+def load_config(cls, path: str | Path | None = None, overrides: dict | None = None, sets: list[str] = ()):
+    """Build a `cls` config from defaults, an optional YAML file, flag overrides and `--set` strings."""
+    tree: dict = {}
+    where = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise TetherError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TetherError(f"{p}: invalid YAML: {e}") from None
+        where = f" in {p}"
+        _build(cls, tree, "", where)  # report file errors against the file, before overrides mix in
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    for s in sets:
+        key, value = parse_override(s)
+        if key not in config_keys(cls):
+            raise _unknown_key(key, config_keys(cls), " (from --set)")
+        _set_dotted(tree, key, value)
+    return _build(cls, tree, "", "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

