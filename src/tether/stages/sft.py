@@ -72,7 +72,7 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device, 
 
 
 def train(cfg: SFTConfig, on_step=None) -> dict:
-    """Run SFT as `cfg` says. `on_step(step, run)` is called after each optimizer step (tests use it
+    """Run SFT as `cfg` says. `on_step(step, run, model)` is called after each optimizer step (tests use it
     to interrupt a run). Returns the summary (status 'done', or 'interrupted' after a signal)."""
     t = cfg.train
     seed_everything(t.seed)
@@ -113,7 +113,8 @@ def train(cfg: SFTConfig, on_step=None) -> dict:
         if step == 0 and eval_set:
             run.log(0, {"eval/loss": evaluate(model, eval_set, *eval_args)})
         model.train()
-        bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 15.0)
         status = "done"
         loss = float("nan")
         while step < total_steps:
@@ -154,7 +155,7 @@ def train(cfg: SFTConfig, on_step=None) -> dict:
             if t.eval_every and step % t.eval_every == 0 and step < total_steps and eval_set:
                 run.log(step, {"eval/loss": evaluate(model, eval_set, *eval_args)})
             if on_step is not None:
-                on_step(step, run)
+                on_step(step, run, model)
             if run.stop_requested or (t.save_every and step % t.save_every == 0 and step < total_steps):
                 run.save_checkpoint(step, model, optimizer, scheduler, {"nan_skipped": guard.total}, t.keep_checkpoints)
             if run.stop_requested:

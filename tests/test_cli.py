@@ -1,0 +1,65 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import write_jsonl
+from tether.cli import main
+
+
+def test_bad_data_is_one_line_exit_2(tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ""}])
+    code = main(["sft", "--model", "builtin:tiny", "--data", str(bad), "--out", str(tmp_path / "o"), "--report-to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == f"tether: error: {bad}, row 2, field 'completion': empty completion"
+    assert "Traceback" not in err
+
+
+def test_config_error_exit_2(tmp_path, capsys):
+    code = main(["sft", "--model", "builtin:tiny", "--set", "train.warmup=3"])
+    assert code == 2
+    assert "unknown config key 'train.warmup' (from --set); did you mean 'train.warmup_steps'?" in capsys.readouterr().err
+
+
+def test_unknown_model_exit_2(tmp_path, capsys, chat_file):
+    code = main(["sft", "--model", "builtin:nope", "--data", str(chat_file), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "unknown builtin model 'builtin:nope'" in capsys.readouterr().err
+    code = main(["sft", "--model", str(tmp_path / "no-such-folder"), "--data", str(chat_file), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "model folder not found" in capsys.readouterr().err
+
+
+def test_env_prints_versions(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for key in ("tether", "python", "torch", "transformers", "peft", "accelerate", "cpu features", "auto dtype"):
+        assert key in out
+
+
+def test_sigterm_checkpoints_then_resume_finishes(tmp_path, chat_file):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tether", "sft", "--model", "builtin:tiny", "--data", str(chat_file), "--out", str(out),
+           "--max-steps", "5000", "--batch-size", "2", "--report-to", "none", "--set", "train.save_every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("train/loss") < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved. Continue with --resume" in err
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and not list((out / "checkpoints").glob(".tmp-*"))
+    stopped_at = json.loads((ckpts[0] / "progress.json").read_text())["step"]
+    assert stopped_at >= 3
+    # resume, now with a budget that ends soon after the stop
+    resumed = subprocess.run(cmd[:-2] + ["--set", "train.save_every=0", "--resume", "--max-steps", str(stopped_at + 2)],
+                             capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if "train/loss" in l]
+    assert steps == list(range(1, stopped_at + 3))
