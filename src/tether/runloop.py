@@ -47,6 +47,9 @@ class Run:
         if not resume and self.ckpt_dir.exists() and any(self.ckpt_dir.glob("step-*")):
             raise TetherError(f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a fresh run must not append to the metrics of an older one
+            for stale in ("metrics.jsonl", "summary.json"):
+                (self.out / stale).unlink(missing_ok=True)
         save_config(cfg, self.out / "config.yaml")
         self.start_step = 0
         self._tb = None
