@@ -30,11 +30,11 @@ def quickstart(out: str = "runs/quickstart", fast: bool = False, model: str | No
     by_number = dict(zip(rows.numbers, D.normalise_sft(rows)))
     prompts = [[m for m in by_number[e["row"]]["messages"] if m["role"] != "assistant"][:1] for e in eval_set[:N_SAMPLES]]
 
-    before = generate(load_causal_lm(cfg.model.name), tok, prompts, max_new_tokens=48)
+    before = [s.text for s in generate(load_causal_lm(cfg.model.name), tok, prompts, max_new_tokens=48)]
     summary = sft.train(cfg)
     if summary["status"] != "done":
         return 130
-    after = generate(load_causal_lm(summary["model"]), tok, prompts, max_new_tokens=48)
+    after = [s.text for s in generate(load_causal_lm(summary["model"]), tok, prompts, max_new_tokens=48)]
     print(format_table(summary, prompts, before, after))
     return 0
 

@@ -110,6 +110,10 @@ class Run:
             else:
                 self._ext.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
 
+    def read_metrics(self) -> list[dict]:
+        path = self.out / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
     def finish(self, summary: dict) -> dict:
         summary = {
             **summary,
@@ -149,7 +153,7 @@ class Run:
         done = sorted(p for p in self.ckpt_dir.glob("step-*") if (p / "progress.json").exists())
         return done[-1] if done else None
 
-    def load_checkpoint(self, model, optimizer, scheduler) -> dict:
+    def load_checkpoint(self, model, optimizer, scheduler, guard: NanGuard | None = None) -> dict:
         """Restore the newest complete checkpoint; returns its progress dict (with 'step')."""
         path = self.latest_checkpoint()
         if path is None:
@@ -168,6 +172,8 @@ class Run:
         set_rng_state(state["rng"])
         progress = json.loads((path / "progress.json").read_text())
         self.start_step = progress["step"]
+        if guard is not None:
+            guard.total = progress.get("nan_skipped", 0)
         _truncate_metrics(self.out / "metrics.jsonl", self.start_step)
         log.info("resumed from %s", path)
         return progress
@@ -280,3 +286,78 @@ def _external_tracker(kind: str, out: Path, cfg):
         return mlflow
     except ImportError:
         raise TetherError(f"--report-to {kind}: the '{kind}' package is not installed (pip install {kind})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The optimisation loop every gradient-based stage shares
+
+
+def make_optimizer(params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only: decaying norms and biases hurts, and papers don't."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def micro_batch(items: list, k: int, batch_size: int, seed: int) -> list:
+    """The k-th micro-batch of the whole run. Each epoch is a fresh seeded permutation, so the data
+    position is a pure function of k: resuming at step s simply continues at k = s * grad_accum."""
+    per_epoch = math.ceil(len(items) / batch_size)
+    epoch, i = divmod(k, per_epoch)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return [items[j] for j in order[i * batch_size : (i + 1) * batch_size].tolist()]
+
+
+def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, start_step: int = 0,
+        eval_fn=None, on_step=None, guard: NanGuard | None = None, desc: str = "train") -> tuple[str, int]:
+    """Optimizer steps from `start_step` to `total_steps`.
+
+    step_fn(step) runs forward and backward over the step's micro-batches and returns
+    (loss, metrics, n_tokens); a non-finite loss means "do not step". This loop owns what every
+    trainer needs around that: NaN guard, gradient clipping, the LR schedule, metrics and the progress
+    bar, periodic evaluation (eval_fn() -> metrics), the `on_step(step, run, model)` hook, periodic
+    and on-signal checkpoints. Returns ('done' | 'interrupted', last step).
+    """
+    from tqdm.auto import tqdm
+
+    guard = guard or NanGuard(t.max_nan_skips)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    model.train()
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    step, status = start_step, "done"
+    try:
+        while step < total_steps:
+            t0 = time.time()
+            optimizer.zero_grad(set_to_none=True)
+            loss, metrics, n_tokens = step_fn(step)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+            if guard.ok(loss, grad_norm):
+                optimizer.step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            dt = time.time() - t0
+            if step % t.log_every == 0 or step == total_steps:
+                run.log(step, {"train/loss": loss, **metrics, "train/grad_norm": float(grad_norm), "train/lr": lr,
+                               "train/tokens_per_s": n_tokens / dt, "train/nan_skipped": guard.total})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / dt:.0f}")
+            bar.update(1)
+            if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                run.log(step, eval_fn())
+                model.train()
+            if on_step is not None:
+                on_step(step, run, model)
+            if run.stop_requested or (t.save_every and step % t.save_every == 0 and step < total_steps):
+                run.save_checkpoint(step, model, optimizer, scheduler, {"nan_skipped": guard.total}, t.keep_checkpoints)
+            if run.stop_requested:
+                status = "interrupted"
+                print(f"tether: stopped at step {step}/{total_steps}; checkpoint saved. Continue with --resume.", file=sys.stderr)
+                break
+    finally:
+        bar.close()
+    return status, step
