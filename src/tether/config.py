@@ -79,6 +79,72 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class TaskConfig:
+    name: str = "builtin:instruct"  # builtin:instruct, a registered task, or package.module:Class
+    num_prompts: int = 0  # train prompts to use (0 = all)
+    num_eval_prompts: int = 0  # held-out prompts to use (0 = all)
+
+
+@dataclass
+class SampleConfig:
+    k: int = 4  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    batch_size: int = 16  # sequences per generate() call
+
+
+@dataclass
+class PanelConfig:
+    """Simulated annotators (tether.tasks.annotators): see the formula there."""
+
+    size: int = 5
+    per_pair: int = 3  # annotators voting on each pair; the label is their majority
+    temperature: float = 0.15
+    length_bias: float = 0.0  # mean logit bonus per 100 characters of extra length
+    length_bias_spread: float = 0.1  # per-annotator spread of the length bias
+    position_bias: float = 0.3  # logit bonus for the response shown first
+    flip_rate: float = 0.05
+
+
+@dataclass
+class LabelConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    panel: PanelConfig = field(default_factory=PanelConfig)
+    out: str = "runs/label"
+    seed: int = 0
+
+
+@dataclass
+class RMLossConfig:
+    soft_labels: bool = False  # train on p_chosen (the annotators' vote share) when the data has it
+    label_smoothing: float = 0.0  # eps: the target becomes (1 - eps) for chosen
+    use_margin: bool = True  # subtract a 'margin' column when the data has one
+    center_coef: float = 0.01  # coef * mean((r_c + r_r)^2); 0 turns it off
+
+
+@dataclass
+class RMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="", max_length=512))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/rm", lr=1e-5, batch_size=4))
+    loss: RMLossConfig = field(default_factory=RMLossConfig)
+
+
+@dataclass
+class EvalRMConfig:
+    model: str = ""  # a reward model folder (tether rm's OUT/model, or any sequence classifier)
+    data: str = ""  # held-out preference pairs (e.g. tether label's OUT/eval.jsonl)
+    out: str = "runs/eval-rm"
+    batch_size: int = 16
+    max_length: int = 512
+    bins: int = 10  # calibration bins for the expected calibration error
+    dtype: str = _choice("auto", ("auto", "fp32", "bf16"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading, overriding, validating
 

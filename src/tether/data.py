@@ -206,6 +206,55 @@ def normalise_sft(rows: Rows) -> list[dict]:
     return out
 
 
+def _side(value, rows: Rows, i: int, field: str) -> list[dict]:
+    """A chosen/rejected value: a string (one assistant message) or a message list."""
+    if isinstance(value, list):
+        return _messages(value, rows, i, field, need_assistant=True)
+    return [{"role": "assistant", "content": _text(value, rows, i, field)}]
+
+
+def _probability(r: dict, rows: Rows, i: int, field: str) -> float | None:
+    if field not in r or r[field] is None:
+        return None
+    v = r[field]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise TetherError(f"{rows.where(i, field)}: must be a number, got {v!r}")
+    if field == "p_chosen" and not 0.0 <= v <= 1.0:
+        raise TetherError(f"{rows.where(i, field)}: must be in [0, 1], got {v}")
+    return float(v)
+
+
+def normalise_preferences(rows: Rows) -> list[dict]:
+    """Validate pairwise preference rows; return {'prompt', 'chosen', 'rejected'} as message lists
+    plus 'p_chosen' and 'margin' (None when absent) and the source row number.
+
+    Explicit prompt: a 'prompt' column (string or messages) and the responses in chosen/rejected.
+    Implicit prompt: chosen and rejected are whole conversations; their shared leading messages are
+    the prompt (as in TRL).
+    """
+    out = []
+    for i, r in enumerate(rows.rows):
+        for k in ("chosen", "rejected"):
+            if k not in r:
+                raise TetherError(f"{rows.where(i, k)}: missing column (preference data needs 'chosen' and 'rejected')")
+        chosen, rejected = _side(r["chosen"], rows, i, "chosen"), _side(r["rejected"], rows, i, "rejected")
+        if "prompt" in r:
+            p = r["prompt"]
+            prompt = _messages(p, rows, i, "prompt", need_assistant=False) if isinstance(p, list) else [{"role": "user", "content": _text(p, rows, i, "prompt")}]
+        else:
+            if not (isinstance(r["chosen"], list) and isinstance(r["rejected"], list)):
+                raise TetherError(f"{rows.where(i, 'prompt')}: missing column (without 'prompt', chosen and rejected must be message lists)")
+            n = 0
+            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                n += 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if chosen == rejected:
+            raise TetherError(f"{rows.where(i, 'chosen')}: chosen and rejected are identical")
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "row": rows.numbers[i],
+                    "p_chosen": _probability(r, rows, i, "p_chosen"), "margin": _probability(r, rows, i, "margin")})
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Tokenisation with the assistant-only loss mask
 
@@ -246,6 +295,60 @@ def tokenize_sft(tok, example: dict) -> dict:
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     mask = [int(any(a <= s < b for a, b in spans) and e > s) for s, e in offsets]
     return {"input_ids": ids, "loss_mask": mask}
+
+
+def tokenize_scored(tok, messages: list[dict], max_length: int) -> list[int]:
+    """Token ids of a conversation for a reward or value model, ending at its last EOS (the score is
+    read there, never on a pad or a template's trailing newline). Over max_length, the *start* is cut:
+    the end carries the score."""
+    text = render(tok, messages)
+    if tok.eos_token and tok.eos_token in text:
+        text = text[: text.rfind(tok.eos_token) + len(tok.eos_token)]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ids[-max_length:]
+
+
+def group_preferences(pairs: list[dict], tok, max_length: int) -> list[dict]:
+    """Group pairs by prompt for the InstructGPT trick: each group holds its distinct responses once
+    (token ids) and its pairs as indices into them, so K responses cost K forwards, not 2 C(K, 2)."""
+    groups: dict[str, dict] = {}
+    for p in pairs:
+        key = json.dumps(p["prompt"], sort_keys=True)
+        g = groups.setdefault(key, {"responses": [], "index": {}, "pairs": [], "texts": []})
+        idx = []
+        for side in ("chosen", "rejected"):
+            rkey = json.dumps(p[side], sort_keys=True)
+            if rkey not in g["index"]:
+                g["index"][rkey] = len(g["responses"])
+                g["responses"].append(tokenize_scored(tok, p["prompt"] + p[side], max_length))
+                g["texts"].append(p[side][-1]["content"])
+            idx.append(g["index"][rkey])
+        g["pairs"].append({"c": idx[0], "r": idx[1], "p": p["p_chosen"], "margin": p["margin"], "row": p["row"]})
+    return [{"responses": g["responses"], "pairs": g["pairs"], "texts": g["texts"]} for g in groups.values()]
+
+
+def collate_groups(groups: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Flatten groups into one right-padded batch of responses plus pair index tensors."""
+    seqs, c, r, p, m = [], [], [], [], []
+    for g in groups:
+        base = len(seqs)
+        seqs += g["responses"]
+        for pr in g["pairs"]:
+            c.append(base + pr["c"])
+            r.append(base + pr["r"])
+            p.append(1.0 if pr["p"] is None else pr["p"])
+            m.append(0.0 if pr["margin"] is None else pr["margin"])
+    n = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+    lengths = torch.tensor([len(s) for s in seqs])
+    return {
+        "input_ids": input_ids, "lengths": lengths,
+        "attention_mask": (torch.arange(n)[None, :] < lengths[:, None]).long(),
+        "chosen_idx": torch.tensor(c), "rejected_idx": torch.tensor(r),
+        "p_chosen": torch.tensor(p), "margin": torch.tensor(m),
+    }
 
 
 def apply_length_policy(examples: list[dict], max_length: int, policy: str, source: str) -> list[dict]:

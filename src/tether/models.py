@@ -167,13 +167,78 @@ def load_causal_lm(name: str, trust_remote_code: bool = False):
         raise TetherError(f"cannot load model '{name}': {e}") from None
 
 
-def apply_lora(model, r: int, alpha: int, dropout: float, target: str):
-    """Wrap `model` with a LoRA adapter (peft). The base weights are frozen by peft."""
+def apply_lora(model, r: int, alpha: int, dropout: float, target: str, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with a LoRA adapter (peft). The base weights are frozen by peft; for
+    task_type SEQ_CLS the scalar head stays fully trainable (peft's modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
     targets = target if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
     return get_peft_model(model, cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward (and later value) models: a causal LM backbone with a scalar head
+
+
+def reward_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer for a scalar-head model, with a pad token distinct from EOS.
+
+    Hugging Face's sequence classifiers pool at the last token that is not the pad id. With
+    SmolLM2's pad == EOS they would skip the closing EOS, where tether reads the score; a distinct
+    pad (the unknown token, or a new <|pad|>) makes `AutoModelForSequenceClassification` score
+    exactly the token tether scores.
+    """
+    tok = load_tokenizer(name, trust_remote_code)
+    if tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    return tok
+
+
+def load_reward_model(name: str, trust_remote_code: bool = False):
+    """(model, tokenizer): an AutoModelForSequenceClassification with num_labels=1. From a causal LM
+    (builtin, SFT output, hub id) the head is new; from a reward model folder it is loaded."""
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+    tok = reward_tokenizer(name, trust_remote_code)
+    if name == TINY:
+        cfg = tiny_config()
+        cfg.num_labels = 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForSequenceClassification(cfg)
+    else:
+        folder = smollm2_folder() if name == SMOLLM2 else _resolve(name)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise TetherError(f"cannot load '{name}' as a reward model: {e}") from None
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head applied at every position: (B, T) in fp32. Reward models read it at the last
+    real token; PPO's critic reads it at every response token."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return base.score(hidden).squeeze(-1).float()
+
+
+def sequence_scores(model, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One score per right-padded sequence, read at its last real token (lengths - 1): masks come
+    from lengths, never from the pad id."""
+    mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths[:, None].to(input_ids.device)).long()
+    values = token_scores(model, input_ids, mask)
+    return values.gather(1, (lengths.to(values.device) - 1)[:, None]).squeeze(1)
 
 
 def load_policy(mcfg, device: torch.device | str = "cpu"):
