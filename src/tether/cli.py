@@ -8,50 +8,64 @@ import sys
 
 from tether.errors import TetherError, TrainingDiverged
 
-# plain flags for the common keys -> dotted config keys
+# plain flags for the common keys -> the dotted config key they set (the first one a stage has)
 COMMON_FLAGS = {
-    "model": ("model.name", str, "model: builtin:smollm2-135m-instruct, builtin:tiny, a folder or a hub id"),
-    "data": ("data.path", str, "training data (JSONL/JSON/Parquet/CSV/datasets folder, or builtin:demos)"),
-    "eval_data": ("data.eval_path", str, "held-out data (default: data.eval_fraction of --data)"),
-    "out": ("train.out", str, "output folder"),
-    "seed": ("train.seed", int, None),
-    "max_steps": ("train.max_steps", int, "optimizer steps (default: from train.epochs)"),
-    "epochs": ("train.epochs", float, None),
-    "lr": ("train.lr", float, "learning rate"),
-    "batch_size": ("train.batch_size", int, "examples per micro-batch"),
-    "grad_accum": ("train.grad_accum", int, "micro-batches per optimizer step"),
-    "max_length": ("data.max_length", int, "max tokens per example"),
-    "lora_r": ("model.lora_r", int, "LoRA rank (0 = full fine-tuning)"),
-    "dtype": ("model.dtype", str, "auto | fp32 | bf16"),
-    "report_to": ("train.report_to", str, "none | tensorboard | wandb | mlflow"),
+    "model": (("model.name", "model"), str, "model: builtin:smollm2-135m-instruct, builtin:tiny, a folder or a hub id"),
+    "data": (("data.path", "data"), str, "data file (JSONL/JSON/Parquet/CSV/datasets folder) or builtin:demos"),
+    "eval_data": (("data.eval_path",), str, "held-out data (default: data.eval_fraction of --data)"),
+    "out": (("train.out", "out"), str, "output folder"),
+    "seed": (("train.seed", "seed"), int, None),
+    "max_steps": (("train.max_steps",), int, "optimizer steps (default: from train.epochs)"),
+    "epochs": (("train.epochs",), float, None),
+    "lr": (("train.lr",), float, "learning rate"),
+    "batch_size": (("train.batch_size", "batch_size"), int, "examples (rm: prompts) per micro-batch"),
+    "grad_accum": (("train.grad_accum",), int, "micro-batches per optimizer step"),
+    "max_length": (("data.max_length", "max_length"), int, "max tokens per example"),
+    "lora_r": (("model.lora_r",), int, "LoRA rank (0 = full fine-tuning)"),
+    "dtype": (("model.dtype", "dtype"), str, "auto | fp32 | bf16"),
+    "report_to": (("train.report_to",), str, "none | tensorboard | wandb | mlflow"),
+    "task": (("task.name",), str, "task: builtin:instruct or package.module:Class"),
+}
+SWITCHES = {  # store_true flags -> config key
+    "resume": ("train.resume", "continue from the newest checkpoint in --out"),
+    "packing": ("data.packing", "pack several examples per row"),
+    "verbose": ("train.verbose", "show a rendered example and more logs"),
 }
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe with model/data/train sections")
-    for name, (_, tp, help_) in COMMON_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=tp, help=help_)
+def _stage_parser(sub, name: str, cls, help_: str) -> None:
+    from tether.config import config_keys
+
+    keys = set(config_keys(cls))
+    p = sub.add_parser(name, help=help_)
+    p.set_defaults(config_cls=cls, flag_keys={})
+    p.add_argument("--config", help="YAML recipe (sections as in the resolved OUT/config.yaml)")
+    for flag, (candidates, tp, h) in COMMON_FLAGS.items():
+        key = next((k for k in candidates if k in keys), None)
+        if key:
+            p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=tp, help=h)
+            p.get_default("flag_keys")[flag] = key
+    for flag, (key, h) in SWITCHES.items():
+        if key in keys:
+            p.add_argument("--" + flag, action="store_true", default=None, help=h)
+            p.get_default("flag_keys")[flag] = key
+    if "model.merge" in keys:
+        p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
+                       help="with LoRA, write merged weights to OUT/model (default on)")
+        p.get_default("flag_keys")["merge"] = "model.merge"
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.warmup_steps=10 (repeatable)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
-    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
-                   help="with LoRA, write merged weights to OUT/model (default on)")
-    p.add_argument("--packing", action="store_true", default=None, help="pack several examples per row")
-    p.add_argument("--verbose", action="store_true", default=None, help="show a rendered example and more logs")
-
-
-def _overrides(args) -> dict:
-    o = {key: getattr(args, name) for name, (key, _, _) in COMMON_FLAGS.items()}
-    o.update({"train.resume": args.resume, "model.merge": args.merge, "data.packing": args.packing,
-              "train.verbose": args.verbose})
-    return o
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tether.config import EvalRMConfig, LabelConfig, RMConfig, SFTConfig
+
     parser = argparse.ArgumentParser(prog="tether", description="RLHF on one machine: SFT, reward models, PPO, DPO.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (loss on assistant tokens)")
-    _add_common(p)
+    _stage_parser(sub, "sft", SFTConfig, "supervised fine-tuning on demonstrations (loss on assistant tokens)")
+    _stage_parser(sub, "label", LabelConfig, "sample K responses per prompt, gold-score them, simulated annotators label pairs")
+    _stage_parser(sub, "rm", RMConfig, "train a Bradley-Terry reward model on preference pairs")
+    _stage_parser(sub, "eval-rm", EvalRMConfig, "reward model accuracy (labels, gold), Bayes ceiling, calibration, length bias")
     p = sub.add_parser("quickstart", help="the README's main job: SFT the embedded model, before/after table")
     p.add_argument("--fast", action="store_true", help="a few minutes: fewer steps, shorter evaluation")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
@@ -60,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="tether: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -71,6 +84,42 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def _run_stage(args) -> int:
+    from tether.config import load_config
+
+    overrides = {key: getattr(args, flag) for flag, key in args.flag_keys.items()}
+    cfg = load_config(args.config_cls, args.config, overrides, args.sets)
+    if args.command == "sft":
+        from tether.stages import sft
+
+        s = sft.train(cfg)
+        if s["status"] == "done":
+            print(f"tether: done. model: {s['model']}  eval loss {s['eval/loss_initial']:.4f} -> {s['eval/loss']:.4f}  ({s['wall_time_s']:.0f} s)")
+    elif args.command == "label":
+        from tether.stages import label
+
+        s = label.run_label(cfg)
+        print(label.format_report(s))
+    elif args.command == "rm":
+        from tether.stages import rm
+
+        s = rm.train(cfg)
+        if s["status"] == "done":
+            acc = f"  eval accuracy {s['eval/accuracy']:.3f}" if "eval/accuracy" in s else ""
+            print(f"tether: done. reward model: {s['model']}{acc}  ({s['wall_time_s']:.0f} s)")
+    else:
+        from tether.stages import eval_rm
+
+        s = eval_rm.evaluate_rm(cfg)
+        print(eval_rm.format_report(s))
+    return 130 if s["status"] == "interrupted" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
     try:
         if args.command == "env":
             from tether.envinfo import env_report
@@ -81,24 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             from tether.quickstart import quickstart
 
             return quickstart(out=args.out, fast=args.fast, model=args.model)
-        if args.command == "sft":
-            from tether.config import SFTConfig, load_config
-            from tether.stages import sft
-
-            cfg = load_config(SFTConfig, args.config, _overrides(args), args.sets)
-            summary = sft.train(cfg)
-            if summary["status"] == "interrupted":
-                return 130
-            print(f"tether: done. model: {summary['model']}  eval loss {summary['eval/loss_initial']:.4f} -> "
-                  f"{summary['eval/loss']:.4f}  ({summary['wall_time_s']:.0f} s)")
-            return 0
+        return _run_stage(args)
     except TetherError as e:
         print(f"tether: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"tether: training diverged: {e}", file=sys.stderr)
         return 3
-    return 1
 
 
 if __name__ == "__main__":

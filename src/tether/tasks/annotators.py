@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 
 from tether.agreement import majority_probability
+from tether.errors import TetherError
 
 
 def _sigmoid(x: float) -> float:
@@ -51,9 +52,9 @@ class Panel:
     def __init__(self, size: int = 5, per_pair: int = 3, temperature: float = 0.15, length_bias: float = 0.0,
                  length_bias_spread: float = 0.1, position_bias: float = 0.3, flip_rate: float = 0.05, seed: int = 0):
         if not 1 <= per_pair <= size:
-            raise ValueError(f"per_pair must be between 1 and the panel size {size}, got {per_pair}")
+            raise TetherError(f"panel.per_pair must be between 1 and panel.size={size}, got {per_pair}")
         if temperature <= 0 or not 0 <= flip_rate <= 0.5:
-            raise ValueError("temperature must be > 0 and flip_rate in [0, 0.5]")
+            raise TetherError("panel.temperature must be > 0 and panel.flip_rate in [0, 0.5]")
         draw = random.Random(seed)
         self.annotators = [
             Annotator(f"a{j}", temperature, length_bias + length_bias_spread * draw.gauss(0, 1), position_bias, flip_rate)

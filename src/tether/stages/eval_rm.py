@@ -1,0 +1,136 @@
+"""`tether eval-rm`: how good is a reward model, and how close to the best possible?
+
+On held-out pairs: accuracy against the annotators' labels, against the gold ordering (pairs whose
+gold scores differ), the Bayes ceiling of the labels beside them (when the data carries the
+annotator model's label probability `p_label`), calibration of sigmoid(r_c - r_r) (expected
+calibration error), and the correlation of reward with response length: a reward model that pays
+for length is the first step of length hacking.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from tether import data as D
+from tether.agreement import bayes_ceiling
+from tether.config import EvalRMConfig
+from tether.errors import TetherError
+from tether.models import autocast, default_device, load_reward_model, resolve_dtype, sequence_scores
+from tether.runloop import Run
+
+
+def expected_calibration_error(prob_chosen: list[float], bins: int = 10) -> float:
+    """ECE (Naeini et al. 2015; Guo et al. 2017) of pairwise predictions whose label is 'chosen':
+
+        predicted winner = chosen if q > 1/2, confidence c = max(q, 1 - q), correct = (q > 1/2)
+        ECE = sum_b (n_b / N) * | mean_b(correct) - mean_b(c) |     over equal-width bins of c in [1/2, 1]
+    """
+    if not prob_chosen:
+        return float("nan")
+    sums = [[0, 0.0, 0.0] for _ in range(bins)]
+    for q in prob_chosen:
+        c = max(q, 1 - q)
+        b = min(bins - 1, int((c - 0.5) * 2 * bins))
+        sums[b][0] += 1
+        sums[b][1] += float(q > 0.5)
+        sums[b][2] += c
+    n = len(prob_chosen)
+    return sum(k / n * abs(acc / k - conf / k) for k, acc, conf in sums if k)
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in x))
+    sy = math.sqrt(sum((b - my) ** 2 for b in y))
+    return sxy / (sx * sy) if sx and sy else float("nan")
+
+
+@torch.no_grad()
+def score_pairs(model, tok, pairs: list[dict], batch_size: int, max_length: int, device, dtype) -> tuple[list[float], list[float]]:
+    """Rewards of the chosen and rejected side of each pair, each distinct response scored once."""
+    cache: dict[str, float] = {}
+    texts = []
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            key = json.dumps(p["prompt"] + p[side])
+            if key not in cache:
+                cache[key] = float("nan")
+                texts.append((key, D.tokenize_scored(tok, p["prompt"] + p[side], max_length)))
+    texts.sort(key=lambda kv: len(kv[1]))  # length-sorted batches waste little padding
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        n = max(len(ids) for _, ids in chunk)
+        input_ids = torch.full((len(chunk), n), tok.pad_token_id, dtype=torch.long)
+        for j, (_, ids) in enumerate(chunk):
+            input_ids[j, : len(ids)] = torch.tensor(ids)
+        lengths = torch.tensor([len(ids) for _, ids in chunk])
+        with autocast(device, dtype):
+            scores = sequence_scores(model, input_ids.to(device), lengths)
+        for (key, _), s in zip(chunk, scores.tolist()):
+            cache[key] = s
+    rc = [cache[json.dumps(p["prompt"] + p["chosen"])] for p in pairs]
+    rr = [cache[json.dumps(p["prompt"] + p["rejected"])] for p in pairs]
+    return rc, rr
+
+
+def evaluate_rm(cfg: EvalRMConfig) -> dict:
+    if not cfg.model or not cfg.data:
+        raise TetherError("eval-rm needs --model RM_FOLDER and --data PAIRS.jsonl")
+    device = default_device()
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tok = load_reward_model(cfg.model)
+    model.to(device).eval()
+    rows = D.read_rows(cfg.data)
+    pairs = D.normalise_preferences(rows)
+    extra = {n: r for n, r in zip(rows.numbers, rows.rows)}
+    rc, rr = score_pairs(model, tok, pairs, cfg.batch_size, cfg.max_length, device, dtype)
+    delta = [c - r for c, r in zip(rc, rr)]
+    q = [1 / (1 + math.exp(-d)) if d > -50 else 0.0 for d in delta]
+
+    out: dict = {"pairs": len(pairs), "accuracy_vs_labels": sum(d > 0 for d in delta) / len(delta),
+                 "ece": expected_calibration_error(q, cfg.bins)}
+    gold = [(d, extra[p["row"]]["chosen_gold"], extra[p["row"]]["rejected_gold"]) for d, p in zip(delta, pairs)
+            if "chosen_gold" in extra[p["row"]] and "rejected_gold" in extra[p["row"]]]
+    differ = [(d, cg, rg) for d, cg, rg in gold if cg != rg]
+    if differ:
+        out["accuracy_vs_gold"] = sum((d > 0) == (cg > rg) for d, cg, rg in differ) / len(differ)
+        out["gold_pairs"] = len(differ)
+    p_label = [extra[p["row"]]["p_label"] for p in pairs if isinstance(extra[p["row"]].get("p_label"), (int, float))]
+    if len(p_label) == len(pairs):
+        out["bayes_ceiling"] = bayes_ceiling(p_label)
+    # reward vs length over distinct responses
+    seen, rewards, lengths = set(), [], []
+    for p, c, r in zip(pairs, rc, rr):
+        for side, s in (("chosen", c), ("rejected", r)):
+            text = p[side][-1]["content"]
+            if (json.dumps(p["prompt"]), text) not in seen:
+                seen.add((json.dumps(p["prompt"]), text))
+                rewards.append(s)
+                lengths.append(len(text))
+    out["length_correlation"] = pearson(rewards, lengths)
+    out["reward_mean"] = sum(rewards) / len(rewards)
+    out["reward_std"] = math.sqrt(sum((x - out["reward_mean"]) ** 2 for x in rewards) / max(1, len(rewards) - 1))
+
+    with Run(cfg.out, cfg, resume=True, report_to="none") as run:
+        with open(run.out / "scores.jsonl", "w") as f:
+            for p, c, r in zip(pairs, rc, rr):
+                f.write(json.dumps({"row": p["row"], "r_chosen": c, "r_rejected": r}) + "\n")
+        return run.finish({"stage": "eval-rm", "status": "done", "model": cfg.model, "data": cfg.data, **out})
+
+
+def format_report(s: dict) -> str:
+    lines = [f"reward model {s['model']} on {s['pairs']} held-out pairs"]
+    for key, label in (("accuracy_vs_labels", "accuracy vs annotator labels"), ("bayes_ceiling", "Bayes ceiling of those labels"),
+                       ("accuracy_vs_gold", "accuracy vs gold ordering"), ("ece", "calibration error (ECE)"),
+                       ("length_correlation", "corr(reward, length)")):
+        if key in s:
+            extra = f"  ({s['gold_pairs']} pairs with different gold)" if key == "accuracy_vs_gold" else ""
+            lines.append(f"  {label:<32}{s[key]:>8.3f}{extra}")
+    return "\n".join(lines)
