@@ -156,3 +156,18 @@ def test_implicit_prompt_is_the_shared_prefix():
     p = D.normalise_preferences(rows)[0]
     assert p["prompt"] == [{"role": "user", "content": "Q"}]
     assert p["chosen"] == [{"role": "assistant", "content": "good"}] and p["rejected"] == [{"role": "assistant", "content": "bad"}]
+
+
+def test_reward_model_as_gold_scorer(tmp_path):
+    import math
+
+    from tether.tasks import load_task
+
+    rows, _ = synthetic_pairs(40, 0.0, seed=5)
+    s = rm.train(rm_cfg(tmp_path, write_jsonl(tmp_path / "t.jsonl", rows), **{"train.max_steps": 3}))
+    task = load_task(f"rm:{s['model']}@test_tasks:EchoTask")
+    prompt = task.prompts()[0]
+    assert prompt.text == "Say yes."
+    g = task.gold(prompt, "apple good river")
+    assert g.score == pytest.approx(1 / (1 + math.exp(-(g.breakdown["reward"] - s["reward_mean"]) / s["reward_std"])))
+    assert 0 < g.score < 1 and task.gold(prompt, "bad stone").score != g.score

@@ -89,8 +89,8 @@ class TaskConfig:
 @dataclass
 class SampleConfig:
     k: int = 4  # responses per prompt
-    temperature: float = 1.0
-    top_p: float = 0.95
+    temperature: float = 0.7
+    top_p: float = 0.9
     max_new_tokens: int = 96
     batch_size: int = 16  # sequences per generate() call
 

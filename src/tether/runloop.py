@@ -301,6 +301,16 @@ def make_optimizer(params: list, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def training_setup(t, model, n_items: int):
+    """Step budget, optimizer, LR schedule and NaN guard for `n_items` training items (examples, or
+    prompt groups for reward models). Returns (total_steps, steps_per_epoch, optimizer, scheduler, guard)."""
+    steps_per_epoch = max(1, math.ceil(n_items / t.batch_size) // t.grad_accum)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t.lr, t.weight_decay)
+    scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, total_steps)
+    return total_steps, steps_per_epoch, optimizer, scheduler, NanGuard(t.max_nan_skips)
+
+
 def micro_batch(items: list, k: int, batch_size: int, seed: int) -> list:
     """The k-th micro-batch of the whole run. Each epoch is a fresh seeded permutation, so the data
     position is a pure function of k: resuming at step s simply continues at k = s * grad_accum."""

@@ -84,6 +84,9 @@ def label_pairs(samples: list[dict], panel: Panel, rng: random.Random) -> list[d
                 "p_chosen": share_a if a_wins else 1 - share_a,
                 "p_label": p_a if a_wins else 1 - p_a,
                 "prompt_id": pid,
+                # A/B orientation (sampling order, independent of the votes): what agreement statistics
+                # need; votes oriented by their own majority would bias kappa and alpha downwards
+                "_votes_ab": votes,
             })
     return pairs
 
@@ -100,13 +103,14 @@ def run_label(cfg: LabelConfig) -> dict:
     with Run(cfg.out, cfg, resume=True, report_to="none") as run:
         for split, n in (("train", cfg.task.num_prompts), ("eval", cfg.task.num_eval_prompts)):
             prompts = task.prompts(split)
-            prompts = prompts[:n] if n else prompts
+            if n and n < len(prompts):  # a seeded sample across categories, not the file's first n
+                prompts = random.Random(f"{cfg.seed}-{split}-prompts").sample(prompts, n)
             if not prompts:
                 continue
             samples = sample_split(model, tok, task, prompts, cfg, run.out / f"samples-{split}.jsonl", split)
             pairs = label_pairs(samples, panel, random.Random(f"{cfg.seed}-{split}"))
+            all_votes += [p.pop("_votes_ab") for p in pairs]
             (run.out / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-            all_votes += [p["votes"] for p in pairs]
             golds = [s["gold"] for s in samples]
             summary[split] = {
                 "prompts": len(prompts), "responses": len(samples), "pairs": len(pairs),

@@ -22,7 +22,7 @@ from tether.errors import TetherError
 from tether.losses.preference import bradley_terry_loss, pairwise_from_groups, reward_centering_loss
 from tether.models import (apply_lora, autocast, default_device, load_reward_model, resolve_dtype,
                            save_pretrained, sequence_scores)
-from tether.runloop import NanGuard, Run, fit, make_optimizer, make_scheduler, micro_batch, seed_everything
+from tether.runloop import Run, fit, micro_batch, seed_everything, training_setup
 
 log = logging.getLogger("tether")
 
@@ -84,12 +84,7 @@ def train(cfg: RMConfig, on_step=None) -> dict:
     model.to(device)
     train_groups, eval_groups = load_groups(cfg, tok)
     pad_id = tok.pad_token_id
-    steps_per_epoch = max(1, math.ceil(len(train_groups) / t.batch_size) // t.grad_accum)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, t.lr, t.weight_decay)
-    scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, total_steps)
-    guard = NanGuard(t.max_nan_skips)
+    total_steps, _, optimizer, scheduler, guard = training_setup(t, model, len(train_groups))
 
     def step_fn(step: int):
         batches = [D.collate_groups(micro_batch(train_groups, k, t.batch_size, t.seed), pad_id)

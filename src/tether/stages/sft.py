@@ -18,7 +18,7 @@ from tether import data as D
 from tether.config import SFTConfig
 from tether.losses.lm import sft_loss, token_logprobs
 from tether.models import autocast, default_device, load_policy, resolve_dtype, save_pretrained
-from tether.runloop import NanGuard, Run, fit, make_optimizer, make_scheduler, micro_batch, seed_everything
+from tether.runloop import Run, fit, micro_batch, seed_everything, training_setup
 
 log = logging.getLogger("tether")
 
@@ -76,12 +76,7 @@ def train(cfg: SFTConfig, on_step=None) -> dict:
         log.info("packed %d examples into %d rows of <= %d tokens", n_before, len(train_set), cfg.data.max_length)
     pad_id = tok.pad_token_id
 
-    steps_per_epoch = max(1, math.ceil(len(train_set) / t.batch_size) // t.grad_accum)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, t.lr, t.weight_decay)
-    scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, total_steps)
-    guard = NanGuard(t.max_nan_skips)
+    total_steps, steps_per_epoch, optimizer, scheduler, guard = training_setup(t, model, len(train_set))
 
     def step_fn(step: int):
         batches = [D.collate(micro_batch(train_set, k, t.batch_size, t.seed), pad_id)
@@ -104,7 +99,7 @@ def train(cfg: SFTConfig, on_step=None) -> dict:
         if t.resume and run.latest_checkpoint() is not None:
             start = run.load_checkpoint(model, optimizer, scheduler, guard)["step"]
         log.info("SFT: %d train / %d eval examples, %d steps, dtype %s, device %s, %d trainable params",
-                 len(train_set), len(eval_set), total_steps, str(dtype).replace("torch.", ""), device, sum(p.numel() for p in params))
+                 len(train_set), len(eval_set), total_steps, str(dtype).replace("torch.", ""), device, sum(p.numel() for p in model.parameters() if p.requires_grad))
         if start == 0 and eval_set:
             run.log(0, {"eval/loss": evaluate(model, eval_set, *eval_args)})
         eval_fn = (lambda: {"eval/loss": evaluate(model, eval_set, *eval_args)}) if eval_set else None

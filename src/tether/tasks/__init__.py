@@ -57,11 +57,17 @@ def register_task(name: str, cls: type) -> None:
 
 
 def load_task(name: str) -> Task:
-    """builtin:instruct, a registered name, `package.module:Class`, or a `tether.tasks` entry point."""
+    """builtin:instruct, a registered name, `rm:PATH[@TASK]` (a reward model as gold scorer),
+    `package.module:Class`, or a `tether.tasks` entry point."""
     from tether.tasks import instruct  # noqa: F401  (registers the builtin tasks)
 
     if name in _REGISTRY:
         return _REGISTRY[name]()
+    if name.startswith("rm:"):  # a reward model as the gold scorer: rm:PATH or rm:PATH@TASK
+        from tether.tasks.rm_gold import RewardModelTask
+
+        path, _, base = name[3:].partition("@")
+        return RewardModelTask(path, base or "builtin:instruct")
     if ":" in name and not name.startswith("builtin:"):
         module, _, attr = name.partition(":")
         try:
