@@ -53,3 +53,12 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, te
         tok.padding_side = side
         model.train(was_training)
     return out
+
+
+def response_lengths(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Length of each generated response, its first EOS included; a response that never emitted EOS
+    (truncated at max_new_tokens) has the full width. Read from the tokens, never from a padding
+    mask: with pad == EOS, everything after the first EOS is padding that looks like EOS."""
+    is_eos = response_ids == eos_id
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, torch.full_like(is_eos[:, 0], response_ids.shape[1], dtype=torch.long))
+    return first.long()

@@ -1,0 +1,173 @@
+"""RL pieces for RLHF: KL estimators, per-token rewards, GAE, whitening, PPO losses, GRPO and RLOO
+advantages, the adaptive KL controller. Pure functions on tensors.
+
+Shapes: per-token tensors are (B, T) over response tokens; `mask` is 1 on real response tokens
+(EOS included) and 0 on padding. Masks are built from lengths by the caller, never from a pad id.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries only (unbiased variance), as in Ziegler et al. (2019)
+    and Huang et al. (2024, "The N+ implementation details of RLHF with PPO"). With
+    shift_mean=False the mean is added back: rewards keep their sign, only their scale changes.
+    Padding is returned as 0."""
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n.clamp(min=1)
+    var = (((x - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman 2020, "Approximating
+    KL divergence"), with log r = log pi_ref(x) - log pi(x):
+
+        k1 = -log r                   unbiased, high variance, can be negative per token
+        k2 = (log r)^2 / 2            biased, low variance, always >= 0
+        k3 = (r - 1) - log r          unbiased, low variance, always >= 0
+    """
+    log_r = ref_logp - logp
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3)")
+
+
+def kl_penalised_rewards(score: torch.Tensor, kl: torch.Tensor, beta: float, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards of RLHF (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022):
+
+        r_t = -beta * KL_t,   plus score(x, y) on the last real response token t = len(y) - 1
+
+    score: (B,); kl: (B, T); lengths: (B,) response lengths (EOS included). The score lands on the
+    last real token, never on padding (which is 0 in the result).
+    """
+    T = kl.shape[1]
+    mask = (torch.arange(T, device=kl.device)[None, :] < lengths[:, None]).to(kl.dtype)
+    rewards = -beta * kl * mask
+    rewards[torch.arange(len(score), device=kl.device), lengths - 1] += score
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation (Schulman et al. 2016):
+
+        delta_t = r_t + gamma * V_{t+1} - V_t        (V_{t+1} = 0 after the last real token)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t                          (the value target)
+
+    Returns (advantages, returns), zero on padding.
+    """
+    mask = mask.to(values.dtype)
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                    clip: float = 0.2, dual_clip: float | None = None):
+    """Clipped surrogate objective (Schulman et al. 2017), with optional dual clip (Ye et al. 2020):
+
+        ratio = exp(logp - old_logp)
+        L     = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+        dual  : for A < 0, L = min(L, -A * c)   (c > 1 caps the loss of a runaway ratio)
+
+    Returns (loss, stats) with stats: clipfrac, approxkl (k3 of old vs new, Schulman 2020), ratio mean.
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1 - clip, 1 + clip)
+    loss = torch.max(pg1, pg2)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.min(loss, -adv * dual_clip), loss)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg2 > pg1).float(), mask).item(),
+            "approxkl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+        }
+    return masked_mean(loss, mask), stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip: float = 0.2):
+    """Clipped value loss (as in OpenAI baselines' PPO2 and Ziegler et al. 2019):
+
+        V_clip = old_V + clip(V - old_V, -eps, eps)
+        L      = 1/2 * max((V - R)^2, (V_clip - R)^2)
+
+    Returns (loss, clipfrac).
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    l1 = (values - returns) ** 2
+    l2 = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(l1, l2), mask)
+    return loss, masked_mean((l2 > l1).float(), mask).item()
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath), G samples per prompt
+    laid out consecutively:
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
+
+    scale_std=False gives Dr. GRPO (Liu et al. 2025), which drops the std division to remove its
+    difficulty bias. Returns (B,), one advantage per sequence.
+    """
+    g = scores.view(-1, group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale_std:
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024), k samples per prompt:
+
+        A_i = r_i - 1/(k-1) * sum_{j != i} r_j
+    """
+    g = scores.view(-1, k)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (k - 1)
+    return (g - baseline).reshape(-1)
+
+
+def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Adaptive KL controller (Ziegler et al. 2019, sec. 2.2): a proportional controller on the KL.
+
+        e     = clip(KL / target - 1, -0.2, 0.2)
+        beta <- beta * (1 + e * n_steps / horizon)
+
+    n_steps is the number of samples (or steps) the KL was measured over.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_steps / horizon)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy H = logsumexp(z) - sum softmax(z) * z, computed stably in fp32."""
+    z = logits.float()
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
