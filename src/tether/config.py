@@ -145,6 +145,68 @@ class EvalRMConfig:
     dtype: str = _choice("auto", ("auto", "fp32", "bf16"))
 
 
+@dataclass
+class RewardConfig:
+    """What the policy is rewarded by: a reward model, the task's gold scorer, or a weighted sum."""
+
+    model: str = ""  # reward model folder (tether rm's OUT/model or any sequence classifier); "" = none
+    model_weight: float = 1.0
+    gold_weight: float = 0.0  # weight of the task's gold score (a Python reward function)
+    function: str = ""  # package.module:func, func(prompt: str, response: str) -> float, added to the score
+    normalize: str = _choice("stored", ("stored", "running", "none"), "stored: the RM's tether_reward_mean/std")
+    clip: float = 0.0  # clip the (normalised) score to [-clip, clip]; 0 = off
+    missing_eos_penalty: float = -1.0  # score of a truncated response (no EOS) ...
+    score_truncated: bool = False  # ... unless truncated responses are scored like the others
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    group_size: int = 1  # samples per prompt (GRPO / RLOO need >= 2)
+    temperature: float = 1.0  # the policy's log-probs use the same temperature, so PPO stays on-policy
+    max_new_tokens: int = 64
+    batch_size: int = 16  # sequences per generate() call
+
+
+@dataclass
+class PPOHyper:
+    algo: str = _choice("ppo", ("ppo", "grpo", "rloo", "reinforce"))
+    epochs: int = 2  # optimisation epochs over each rollout batch
+    minibatch_size: int = 4  # sequences per gradient step
+    clip: float = 0.2
+    dual_clip: float = 0.0  # 0 = off; e.g. 3.0
+    vf_clip: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_estimator: str = _choice("k1", ("k1", "k2", "k3"))
+    kl_in_reward: bool = True  # per-token KL penalty in the reward; False = KL as a loss term (k3)
+    kl_coef: float = 0.05  # beta
+    adaptive_kl: bool = False  # Ziegler et al.'s controller towards kl_target
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    target_kl: float = 0.0  # stop the epoch early when approx KL passes this; 0 = off
+    critic_warmup_steps: int = 0  # iterations that train only the critic
+    critic_init: str = _choice("reward", ("reward", "policy"), "critic from the reward model (Huang et al. 2024) or the policy")
+    ptx_coef: float = 0.0  # PPO-ptx: LM loss on ptx_data mixed in (InstructGPT)
+    ptx_data: str = "builtin:demos"
+    max_nan_skips: int = 5
+
+
+@dataclass
+class PPOConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(lora_r=16, lora_alpha=32))
+    task: TaskConfig = field(default_factory=TaskConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOHyper = field(default_factory=PPOHyper)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/ppo", lr=1e-4, max_steps=30, save_every=10))
+    sample_every: int = 5  # write a sample table to OUT/samples.jsonl every N iterations
+    eval_prompts: int = 32  # held-out prompts scored by gold (greedy) before and after training; 0 = off
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading, overriding, validating
 

@@ -224,12 +224,12 @@ def load_reward_model(name: str, trust_remote_code: bool = False):
     return model, tok
 
 
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar head applied at every position: (B, T) in fp32. Reward models read it at the last
-    real token; PPO's critic reads it at every response token."""
+    real token; PPO's critic reads it at every response token (pass position_ids for left padding)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     return base.score(hidden).squeeze(-1).float()
 
 

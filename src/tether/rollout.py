@@ -39,7 +39,7 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, te
             sample = temperature > 0
             ids = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+                temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=0 if sample else None,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             )
             for row in ids[:, enc["input_ids"].shape[1]:].tolist():

@@ -355,7 +355,7 @@ def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, sta
             if step % t.log_every == 0 or step == total_steps:
                 run.log(step, {"train/loss": loss, **metrics, "train/grad_norm": float(grad_norm), "train/lr": lr,
                                "train/tokens_per_s": n_tokens / dt, "train/nan_skipped": guard.total})
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / dt:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / dt:.0f}", refresh=False)
             bar.update(1)
             if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
                 run.log(step, eval_fn())

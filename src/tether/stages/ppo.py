@@ -1,0 +1,425 @@
+"""Stage 3, RL: maximise E[r(x, y)] - beta * KL(pi || pi_ref) with PPO (or GRPO, RLOO, REINFORCE).
+
+One iteration, top to bottom (every detail visible, in the spirit of CleanRL's ppo.py):
+  1. rollout   sample responses for a batch of prompts (KV cache, no autograd)
+  2. evaluate  old log-probs of the policy, log-probs of the reference, values of the critic,
+               all recomputed by a forward pass with dropout off, so the first ratio is exactly 1
+  3. score     reward model (re-tokenised text, so its tokenizer may differ) and/or a Python reward
+               function; truncated responses get a penalty instead; normalise, clip
+  4. rewards   per-token -beta * KL with the score on the last real token (EOS included)
+  5. advantage GAE + whitening (PPO), group-normalised (GRPO), leave-one-out (RLOO), batch mean (REINFORCE)
+  6. optimise  several epochs of shuffled minibatches: clipped policy loss, clipped value loss,
+               entropy bonus, optional KL loss and PPO-ptx, gradient clipping; early stop on approx KL
+  7. control   adaptive KL coefficient; metrics, samples, guards, checkpoints
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tether import data as D
+from tether.config import PPOConfig
+from tether.errors import TetherError
+from tether.losses import rl
+from tether.losses.lm import sft_loss
+from tether.models import (apply_lora, autocast, default_device, load_causal_lm, load_reward_model, load_tokenizer,
+                           resolve_dtype, save_pretrained, sequence_scores, token_scores)
+from tether.rollout import response_lengths
+from tether.runloop import NanGuard, Run, make_scheduler, seed_everything
+from tether.tasks import load_task
+
+log = logging.getLogger("tether")
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward passes over (query, response) batches
+
+
+def join(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded queries + right-padded responses -> ids, attention mask, position ids. The
+    response part of the mask comes from lengths (pad == EOS), positions from the mask (left padding)."""
+    T = batch["response_ids"].shape[1]
+    resp_mask = (torch.arange(T, device=batch["lengths"].device)[None, :] < batch["lengths"][:, None]).long()
+    ids = torch.cat([batch["query_ids"], batch["response_ids"]], dim=1)
+    mask = torch.cat([batch["query_mask"], resp_mask], dim=1)
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def policy_forward(model, batch: dict, temperature: float, with_entropy: bool = False):
+    """Per-token log pi(y_t | x, y_<t) of the response tokens (B, T), at the sampling temperature."""
+    ids, mask, pos = join(batch)
+    Q = batch["query_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    logits = logits[:, Q - 1 : -1].float() / temperature
+    targets = batch["response_ids"]
+    logp = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+    return logp, (rl.entropy_from_logits(logits) if with_entropy else None)
+
+
+def critic_forward(critic, batch: dict) -> torch.Tensor:
+    """V(x, y_<t) for each response token t (B, T): the head at the position before the token."""
+    ids, mask, pos = join(batch)
+    Q = batch["query_ids"].shape[1]
+    return token_scores(critic, ids, mask, pos)[:, Q - 1 : -1]
+
+
+def sub(batch: dict, idx) -> dict:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewards
+
+
+class Scorer:
+    """r(x, y) as configured: reward model * w_rm + gold * w_gold + python_function."""
+
+    def __init__(self, cfg: PPOConfig, task, device, dtype, reward_fn=None):
+        r = cfg.reward
+        self.cfg, self.task, self.device, self.dtype, self.fn = r, task, device, dtype, reward_fn
+        self.rm = self.rm_tok = None
+        self.mean, self.std = 0.0, 1.0
+        if r.model:
+            self.rm, self.rm_tok = load_reward_model(r.model)
+            self.rm.to(device).eval().requires_grad_(False)
+            if r.normalize == "stored":
+                self.mean = getattr(self.rm.config, "tether_reward_mean", 0.0)
+                self.std = getattr(self.rm.config, "tether_reward_std", 1.0) or 1.0
+        if not (r.model or r.gold_weight or reward_fn):
+            raise TetherError("ppo needs a reward: --set reward.model=RM_FOLDER and/or reward.gold_weight=1")
+        self.running = [0, 0.0, 0.0]  # count, mean, M2 (Welford) for normalize=running
+
+    @torch.no_grad()
+    def __call__(self, prompts, texts: list[str]) -> tuple[torch.Tensor, list[float]]:
+        """(scores (B,), gold (B,)). Gold is computed whenever the task has a scorer, for monitoring."""
+        B = len(texts)
+        score = torch.zeros(B)
+        if self.rm is not None:
+            convs = [p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+            ids = [D.tokenize_scored(self.rm_tok, c, 1024) for c in convs]  # re-tokenised: any RM tokenizer
+            x = torch.full((B, max(map(len, ids))), self.rm_tok.pad_token_id)
+            for i, s in enumerate(ids):
+                x[i, : len(s)] = torch.tensor(s)
+            with autocast(self.device, self.dtype):
+                rm = sequence_scores(self.rm, x.to(self.device), torch.tensor([len(s) for s in ids])).cpu()
+            score += self.cfg.model_weight * self._normalise(rm)
+        gold = [self.task.gold(p, t).score for p, t in zip(prompts, texts)] if self.task is not None else [float("nan")] * B
+        if self.cfg.gold_weight:
+            score += self.cfg.gold_weight * torch.tensor(gold)
+        if self.fn is not None:
+            score += torch.tensor([float(self.fn(p.text, t)) for p, t in zip(prompts, texts)])
+        if self.cfg.clip:
+            score = score.clamp(-self.cfg.clip, self.cfg.clip)
+        return score, gold
+
+    def _normalise(self, r: torch.Tensor) -> torch.Tensor:
+        if self.cfg.normalize == "running":
+            for x in r.tolist():  # Welford's online mean and variance
+                n, mean, m2 = self.running
+                n += 1
+                d = x - mean
+                mean += d / n
+                self.running = [n, mean, m2 + d * (x - mean)]
+            n, mean, m2 = self.running
+            return (r - mean) / (math.sqrt(m2 / (n - 1)) if n > 1 and m2 > 0 else 1.0)
+        return (r - self.mean) / self.std
+
+
+def load_reward_fn(spec: str):
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise TetherError(f"cannot load reward function '{spec}': {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
+    t, P, R = cfg.train, cfg.ppo, cfg.rollout
+    algo = P.algo
+    if algo in ("grpo", "rloo") and R.group_size < 2:
+        raise TetherError(f"{algo} needs rollout.group_size >= 2 samples per prompt")
+    seed_everything(t.seed)
+    device = default_device()
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    task = load_task(cfg.task.name)
+    tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    tok.padding_side = "left"
+
+    # Roles. With LoRA the reference is the same base with adapters disabled: no second copy.
+    policy = load_causal_lm(cfg.model.name, cfg.model.trust_remote_code)
+    _no_dropout(policy)
+    ref = None
+    if cfg.model.lora_r > 0:
+        policy = apply_lora(policy, cfg.model.lora_r, cfg.model.lora_alpha, 0.0, cfg.model.lora_target)
+    else:
+        ref = load_causal_lm(cfg.model.name, cfg.model.trust_remote_code).eval().requires_grad_(False).to(device)
+    policy.to(device)
+    critic = None
+    if algo == "ppo":  # the critic: from the reward model (Huang et al. 2024) or from the policy's weights
+        source = cfg.reward.model if (P.critic_init == "reward" and cfg.reward.model) else cfg.model.name
+        critic, _ = load_reward_model(source)
+        _no_dropout(critic)
+        if cfg.model.lora_r > 0:
+            critic = apply_lora(critic, cfg.model.lora_r, cfg.model.lora_alpha, 0.0, cfg.model.lora_target, "SEQ_CLS")
+        critic.to(device)
+    scorer = Scorer(cfg, task, device, dtype, reward_fn or load_reward_fn(cfg.reward.function))
+    ptx = None
+    if P.ptx_coef > 0:
+        ptx = D.prepare_sft(tok, D.read_rows(P.ptx_data), 256, "truncate")
+
+    modules = torch.nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
+    params = [p for p in modules.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, eps=1e-5)
+    scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, t.max_steps)
+    guard = NanGuard(P.max_nan_skips)
+    prompts_all = task.prompts("train")
+    held_out = task.prompts("eval")[: cfg.eval_prompts]
+    beta = P.kl_coef
+
+    with Run(t.out, cfg, resume=t.resume, report_to=t.report_to) as run:
+        it = 0
+        if t.resume and run.latest_checkpoint() is not None:
+            progress = run.load_checkpoint(modules, optimizer, scheduler, guard)
+            it, beta = progress["step"], progress["beta"]
+        log.info("%s: %d iterations x %d prompts x %d samples, dtype %s", algo.upper(), t.max_steps, R.prompts_per_step,
+                 R.group_size, str(dtype).replace("torch.", ""))
+        if it == 0 and held_out:
+            run.log(0, {"eval/gold": heldout_gold(policy, tok, task, held_out, R, device)})
+        while it < t.max_steps:
+            timings = {}
+            # ---- 1. rollout ---------------------------------------------------------------------
+            t0 = time.time()
+            order = torch.randperm(len(prompts_all), generator=torch.Generator().manual_seed(t.seed * 7919 + it))
+            prompts = [prompts_all[i] for i in order[: R.prompts_per_step].tolist() for _ in range(R.group_size)]
+            batch = rollout(policy, tok, prompts, R, device)
+            timings["time/generate"] = time.time() - t0
+            lengths, mask = batch["lengths"], batch["mask"]
+            # ---- 2. old log-probs, reference log-probs, values (no autograd) --------------------
+            t0 = time.time()
+            with torch.no_grad(), autocast(device, dtype):
+                old_logp, _ = policy_forward(policy, batch, R.temperature)
+                if ref is None:
+                    with policy.disable_adapter():
+                        ref_logp, _ = policy_forward(policy, batch, R.temperature)
+                else:
+                    ref_logp, _ = policy_forward(ref, batch, R.temperature)
+                old_values = critic_forward(critic, batch).float() * mask if critic is not None else None
+            old_logp, ref_logp = old_logp * mask, ref_logp * mask
+            # ---- 3. score -----------------------------------------------------------------------
+            texts = batch["texts"]
+            score, gold = scorer(prompts, texts)
+            finished = batch["finished"]
+            if not cfg.reward.score_truncated:
+                score = torch.where(finished, score, torch.full_like(score, cfg.reward.missing_eos_penalty))
+            score = score.to(device)
+            timings["time/score"] = time.time() - t0
+            # ---- 4. rewards and 5. advantages ---------------------------------------------------
+            kl = rl.kl_estimate(old_logp, ref_logp, P.kl_estimator) * mask
+            seq_kl = kl.sum(1)
+            if algo == "ppo":
+                rewards = rl.kl_penalised_rewards(score, kl if P.kl_in_reward else torch.zeros_like(kl), beta, lengths)
+                adv, returns = rl.gae(rewards, old_values, mask, P.gamma, P.lam)
+                if P.whiten_advantages:
+                    adv = rl.masked_whiten(adv, mask)
+            else:
+                seq_reward = score - (beta * seq_kl if P.kl_in_reward and algo != "grpo" else 0.0)
+                if algo == "grpo":
+                    a = rl.grpo_advantages(seq_reward, R.group_size)
+                elif algo == "rloo":
+                    a = rl.rloo_advantages(seq_reward, R.group_size)
+                else:
+                    a = seq_reward - seq_reward.mean()
+                adv, returns = a[:, None] * mask, None
+            # ---- 6. optimise --------------------------------------------------------------------
+            t0 = time.time()
+            stats = optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values,
+                             adv, returns, beta, it < P.critic_warmup_steps, ptx, tok, device, dtype)
+            scheduler.step()
+            timings["time/train"] = time.time() - t0
+            # ---- 7. KL control, metrics, samples, checkpoints -----------------------------------
+            mean_kl = seq_kl.mean().item()
+            if P.adaptive_kl:
+                beta = rl.adaptive_kl_beta(beta, mean_kl, P.kl_target, P.kl_horizon, len(prompts))
+            it += 1
+            n_tokens = int(mask.sum())
+            non_score = (-beta * seq_kl).mean().item()
+            metrics = {
+                "objective/scores": score.mean().item(), "objective/kl": mean_kl,
+                "objective/entropy": stats.pop("entropy"), "objective/non_score_reward": non_score,
+                "objective/rlhf_reward": score.mean().item() + non_score,
+                "objective/gold": sum(gold) / len(gold), "kl/beta": beta,
+                "response/length_mean": lengths.float().mean().item(), "response/eos_rate": finished.float().mean().item(),
+                **stats, **timings, "throughput/tokens_per_s": n_tokens / max(1e-9, sum(timings.values())),
+                "train/lr": scheduler.get_last_lr()[0], "train/nan_skipped": guard.total,
+            }
+            run.log(it, metrics)
+            warn(metrics)
+            print(f"{algo} {it}/{t.max_steps}  score {metrics['objective/scores']:+.3f}  gold {metrics['objective/gold']:.3f}  "
+                  f"kl {mean_kl:.3f}  len {metrics['response/length_mean']:.1f}  "
+                  f"gen {timings['time/generate']:.1f}s score {timings['time/score']:.1f}s train {timings['time/train']:.1f}s",
+                  file=sys.stderr, flush=True)
+            if cfg.sample_every and it % cfg.sample_every == 0:
+                with open(run.out / "samples.jsonl", "a") as f:
+                    for p, txt, s, g in list(zip(prompts, texts, score.tolist(), gold))[:8]:
+                        f.write(json.dumps({"step": it, "prompt": p.text, "response": txt, "score": s, "gold": g}) + "\n")
+            if t.eval_every and it % t.eval_every == 0 and held_out:
+                run.log(it, {"eval/gold": heldout_gold(policy, tok, task, held_out, R, device)})
+            if on_step is not None:
+                on_step(it, run, modules)
+            if run.stop_requested or (t.save_every and it % t.save_every == 0 and it < t.max_steps):
+                run.save_checkpoint(it, modules, optimizer, scheduler, {"beta": beta, "nan_skipped": guard.total}, t.keep_checkpoints)
+            if run.stop_requested:
+                print(f"tether: stopped at iteration {it}; checkpoint saved. Continue with --resume.", file=sys.stderr)
+                return {"status": "interrupted", "step": it}
+        run.save_checkpoint(it, modules, optimizer, scheduler, {"beta": beta, "nan_skipped": guard.total}, t.keep_checkpoints)
+        final_gold = heldout_gold(policy, tok, task, held_out, R, device) if held_out else float("nan")
+        if held_out:
+            run.log(it, {"eval/gold": final_gold})
+        initial_gold = next((m["eval/gold"] for m in run.read_metrics() if m["step"] == 0 and "eval/gold" in m), float("nan"))
+        model_dir = save_pretrained(policy, tok, run.out, merge=cfg.model.merge)
+        last = run.read_metrics()[-1] if run.read_metrics() else {}
+        return run.finish({"stage": "ppo", "algo": algo, "status": "done", "steps": it, "eval/gold_initial": initial_gold, "eval/gold": final_gold,
+                           **{k: v for k, v in last.items() if k.startswith(("objective/", "response/"))},
+                           "kl/beta": beta, "nan_skipped": guard.total, "model": str(model_dir)})
+
+
+def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values, adv, returns,
+             beta, critic_only, ptx, tok, device, dtype) -> dict:
+    P = cfg.ppo
+    B = len(batch["lengths"])
+    mask = batch["mask"]
+    keys = ("query_ids", "query_mask", "response_ids", "lengths", "mask")
+    acc: dict[str, list] = {}
+    first_ratio = None
+    for epoch in range(P.epochs):
+        perm = torch.randperm(B)
+        for start in range(0, B, P.minibatch_size):
+            idx = perm[start : start + P.minibatch_size]
+            mb = {k: batch[k][idx] for k in keys}
+            m = mask[idx]
+            with autocast(device, dtype):
+                logp, ent = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy=True)
+            pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx], adv[idx], m, P.clip, P.dual_clip or None)
+            if first_ratio is None:
+                first_ratio = s["ratio_mean"]
+            loss = torch.zeros((), device=device) if critic_only else pg_loss - P.ent_coef * rl.masked_mean(ent, m)
+            if not P.kl_in_reward or P.algo == "grpo":  # KL as a loss term (k3, as in GRPO)
+                loss = loss + beta * rl.masked_mean(rl.kl_estimate(logp, ref_logp[idx], "k3"), m)
+            if critic is not None:
+                with autocast(device, dtype):
+                    values = critic_forward(critic, mb).float()
+                vf_loss, vf_clipfrac = rl.ppo_value_loss(values, old_values[idx], returns[idx], m, P.vf_clip)
+                loss = loss + P.vf_coef * vf_loss
+                acc.setdefault("loss/value", []).append(vf_loss.item())
+                acc.setdefault("val/clipfrac", []).append(vf_clipfrac)
+            if ptx is not None and not critic_only:  # PPO-ptx: keep the language-modelling ability
+                rows = random.sample(ptx, min(len(ptx), P.minibatch_size))
+                pb = D.collate(rows, tok.pad_token_id)
+                with autocast(device, dtype):
+                    logits = policy(input_ids=pb["input_ids"].to(device), attention_mask=pb["attention_mask"].to(device)).logits
+                from tether.losses.lm import token_logprobs
+
+                lm = sft_loss(token_logprobs(logits, pb["input_ids"].to(device)), pb["loss_mask"].to(device), int(pb["loss_mask"][:, 1:].sum()))
+                loss = loss + P.ptx_coef * lm
+                acc.setdefault("loss/ptx", []).append(lm.item())
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(loss.item()):
+                guard.ok(float("nan"))
+                continue
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            if guard.ok(loss.item(), grad_norm):
+                optimizer.step()
+            for k, v in (("loss/policy", pg_loss.item()), ("policy/approxkl", s["approxkl"]), ("policy/clipfrac", s["clipfrac"]),
+                         ("policy/ratio_mean", s["ratio_mean"]), ("entropy", rl.masked_mean(ent.detach(), m).item()),
+                         ("train/grad_norm", float(grad_norm))):
+                acc.setdefault(k, []).append(v)
+        if P.target_kl and sum(acc["policy/approxkl"][-math.ceil(B / P.minibatch_size):]) / math.ceil(B / P.minibatch_size) > P.target_kl:
+            acc.setdefault("policy/early_stop_epoch", []).append(epoch)
+            break
+    out = {k: sum(v) / len(v) for k, v in acc.items() if v}
+    out["policy/ratio_first_mb"] = first_ratio
+    if critic is not None:
+        out["val/explained_variance"] = explained_variance(old_values, returns, mask)
+    return out
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 - Var(R - V) / Var(R) over real tokens: 1 = perfect critic, <= 0 = no better than a constant."""
+    m = mask.bool()
+    r, v = returns[m].float(), values[m].float()
+    var = r.var()
+    return float("nan") if var == 0 else (1 - (r - v).var() / var).item()
+
+
+@torch.no_grad()
+def rollout(policy, tok, prompts, R, device) -> dict:
+    """Sample one response per prompt entry; returns ids, lengths (first EOS included), masks, texts."""
+    policy.eval()
+    q_ids, q_mask, r_ids = [], [], []
+    for i in range(0, len(prompts), R.batch_size):
+        texts = [D.render(tok, p.messages, add_generation_prompt=True) for p in prompts[i : i + R.batch_size]]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = policy.generate(**enc, do_sample=True, temperature=R.temperature, top_p=1.0, top_k=0,
+                              max_new_tokens=R.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        q_ids.append(enc["input_ids"])
+        q_mask.append(enc["attention_mask"])
+        r_ids.append(out[:, enc["input_ids"].shape[1]:])
+    policy.train()
+    Q = max(x.shape[1] for x in q_ids)
+    T = max(x.shape[1] for x in r_ids)
+    pad = tok.pad_token_id
+    query_ids = torch.cat([F.pad(x, (Q - x.shape[1], 0), value=pad) for x in q_ids])
+    query_mask = torch.cat([F.pad(x, (Q - x.shape[1], 0), value=0) for x in q_mask])
+    response_ids = torch.cat([F.pad(x, (0, T - x.shape[1]), value=pad) for x in r_ids])
+    lengths = response_lengths(response_ids, tok.eos_token_id)
+    finished = (response_ids == tok.eos_token_id).any(dim=1)
+    mask = (torch.arange(T, device=response_ids.device)[None, :] < lengths[:, None]).float()
+    texts = [tok.decode(r[: n - 1 if f else n], skip_special_tokens=True).strip()
+             for r, n, f in zip(response_ids.tolist(), lengths.tolist(), finished.tolist())]
+    return {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids, "lengths": lengths,
+            "mask": mask, "finished": finished.cpu(), "texts": texts}
+
+
+@torch.no_grad()
+def heldout_gold(policy, tok, task, prompts, R, device) -> float:
+    """Mean gold score of greedy responses on held-out prompts."""
+    from tether.rollout import generate
+
+    outs = generate(policy, tok, [p.messages for p in prompts], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size)
+    return sum(task.gold(p, o.text, o.finished).score for p, o in zip(prompts, outs)) / len(prompts)
+
+
+def warn(m: dict) -> None:
+    """Guards that do not stop the run but tell the user something is drifting."""
+    if m["objective/kl"] > 20:
+        log.warning("KL to the reference is %.1f nats per response: the policy is drifting far (raise kl_coef?)", m["objective/kl"])
+    if m.get("policy/ratio_mean", 1.0) > 1.5 or m.get("policy/ratio_mean", 1.0) < 0.67:
+        log.warning("PPO ratio mean %.2f is far from 1: lower the learning rate or the epochs", m["policy/ratio_mean"])
+    if m["response/eos_rate"] < 0.2:
+        log.warning("only %.0f%% of responses end with EOS: they are being truncated", 100 * m["response/eos_rate"])
+
+
+def _no_dropout(model) -> None:
+    """Dropout off everywhere, so train-mode forwards equal the rollout's and the first ratio is 1."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
