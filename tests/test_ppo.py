@@ -52,3 +52,42 @@ def test_first_ratio_is_one_and_only_policy_and_critic_move(tmp_path):
                 "response/length_mean", "response/eos_rate", "time/generate", "time/score", "time/train", "throughput/tokens_per_s"):
         assert key in m, key
     assert (tmp_path / "ppo" / "samples.jsonl").exists() and (tmp_path / "ppo" / "model" / "config.json").exists()
+
+
+WORDS = ("apple", "river", "stone", "cloud")
+
+
+def apple_share(prompt: str, response: str) -> float:
+    """'Reward the token X': the share of response words that are 'apple'."""
+    words = response.split()
+    return sum(w == "apple" for w in words) / max(1, len(words))
+
+
+@pytest.fixture(scope="module")
+def word_policy(tmp_path_factory):
+    """A tiny model SFT'd to answer with 2-5 of four words: RL starts from an SFT model, as in RLHF
+    (a random 49k-token model would almost never sample the rewarded token)."""
+    import random
+
+    from conftest import chat, tiny_cfg, write_jsonl
+    from tether.stages import sft
+
+    tmp = tmp_path_factory.mktemp("words")
+    rng = random.Random(0)
+    rows = [chat(f"Say {w}.", " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5))))
+            for w in ("yes", "no", "maybe") for _ in range(40)]
+    s = sft.train(tiny_cfg(tmp, write_jsonl(tmp / "words.jsonl", rows), "sft",
+                           **{"train.max_steps": 30, "train.lr": 1e-2, "train.batch_size": 16, "data.eval_fraction": 0.05}))
+    return s["model"]
+
+
+@pytest.mark.parametrize("algo,group", [("ppo", 1), ("grpo", 4), ("rloo", 4)])
+def test_algorithms_raise_a_simple_reward(tmp_path, word_policy, algo, group):
+    cfg = ppo_cfg(tmp_path, algo, **{"model.name": word_policy, "ppo.algo": algo, "rollout.group_size": group,
+                                     "rollout.prompts_per_step": 16 // group, "train.max_steps": 10, "ppo.minibatch_size": 8,
+                                     "ppo.kl_coef": 0.01, "ppo.vf_coef": 0.5, "model.lora_r": 0, "rollout.max_new_tokens": 16,
+                                     "reward.score_truncated": False})
+    ppo.train(cfg, reward_fn=apple_share)
+    scores = [m["objective/scores"] for m in metrics(tmp_path / algo) if "objective/scores" in m]
+    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert last > first + 0.15, scores

@@ -58,7 +58,7 @@ def _stage_parser(sub, name: str, cls, help_: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tether.config import EvalRMConfig, LabelConfig, RMConfig, SFTConfig
+    from tether.config import EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig
 
     parser = argparse.ArgumentParser(prog="tether", description="RLHF on one machine: SFT, reward models, PPO, DPO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "label", LabelConfig, "sample K responses per prompt, gold-score them, simulated annotators label pairs")
     _stage_parser(sub, "rm", RMConfig, "train a Bradley-Terry reward model on preference pairs")
     _stage_parser(sub, "eval-rm", EvalRMConfig, "reward model accuracy (labels, gold), Bayes ceiling, calibration, length bias")
+    _stage_parser(sub, "ppo", PPOConfig, "RL against a reward model or function: PPO, GRPO, RLOO (--set ppo.algo=...)")
     p = sub.add_parser("quickstart", help="the README's main job: SFT the embedded model, before/after table")
     p.add_argument("--fast", action="store_true", help="a few minutes: fewer steps, shorter evaluation")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
@@ -109,6 +110,13 @@ def _run_stage(args) -> int:
         if s["status"] == "done":
             acc = f"  eval accuracy {s['eval/accuracy']:.3f}" if "eval/accuracy" in s else ""
             print(f"tether: done. reward model: {s['model']}{acc}  ({s['wall_time_s']:.0f} s)")
+    elif args.command == "ppo":
+        from tether.stages import ppo
+
+        s = ppo.train(cfg)
+        if s["status"] == "done":
+            print(f"tether: done. policy: {s['model']}  held-out gold {s['eval/gold_initial']:.3f} -> {s['eval/gold']:.3f}  "
+                  f"({s['wall_time_s']:.0f} s)")
     else:
         from tether.stages import eval_rm
 

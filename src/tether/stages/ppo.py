@@ -99,7 +99,7 @@ class Scorer:
         self.running = [0, 0.0, 0.0]  # count, mean, M2 (Welford) for normalize=running
 
     @torch.no_grad()
-    def __call__(self, prompts, texts: list[str]) -> tuple[torch.Tensor, list[float]]:
+    def __call__(self, prompts, texts: list[str], finished: list[bool]) -> tuple[torch.Tensor, list[float]]:
         """(scores (B,), gold (B,)). Gold is computed whenever the task has a scorer, for monitoring."""
         B = len(texts)
         score = torch.zeros(B)
@@ -112,7 +112,7 @@ class Scorer:
             with autocast(self.device, self.dtype):
                 rm = sequence_scores(self.rm, x.to(self.device), torch.tensor([len(s) for s in ids])).cpu()
             score += self.cfg.model_weight * self._normalise(rm)
-        gold = [self.task.gold(p, t).score for p, t in zip(prompts, texts)] if self.task is not None else [float("nan")] * B
+        gold = [self.task.gold(p, t, f).score for p, t, f in zip(prompts, texts, finished)] if self.task is not None else [float("nan")] * B
         if self.cfg.gold_weight:
             score += self.cfg.gold_weight * torch.tensor(gold)
         if self.fn is not None:
@@ -221,9 +221,8 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 old_values = critic_forward(critic, batch).float() * mask if critic is not None else None
             old_logp, ref_logp = old_logp * mask, ref_logp * mask
             # ---- 3. score -----------------------------------------------------------------------
-            texts = batch["texts"]
-            score, gold = scorer(prompts, texts)
-            finished = batch["finished"]
+            texts, finished = batch["texts"], batch["finished"]
+            score, gold = scorer(prompts, texts, finished.tolist())
             if not cfg.reward.score_truncated:
                 score = torch.where(finished, score, torch.full_like(score, cfg.reward.missing_eos_penalty))
             score = score.to(device)
