@@ -91,3 +91,24 @@ def test_algorithms_raise_a_simple_reward(tmp_path, word_policy, algo, group):
     scores = [m["objective/scores"] for m in metrics(tmp_path / algo) if "objective/scores" in m]
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert last > first + 0.15, scores
+
+
+def test_interrupt_and_resume_equals_straight_run(tmp_path):
+    from safetensors.torch import load_file
+
+    flags = {"train.max_steps": 3, "model.lora_r": 0, "ppo.grad_accum": 2, "ppo.minibatch_size": 3}
+    ppo.train(ppo_cfg(tmp_path, "straight", **flags), reward_fn=lowercase_share)
+
+    def interrupt(it, run, modules):
+        if it == 1:
+            run.stop_requested = True
+
+    part = ppo.train(ppo_cfg(tmp_path, "resumed", **flags), reward_fn=lowercase_share, on_step=interrupt)
+    assert part == {"status": "interrupted", "step": 1}
+    ppo.train(ppo_cfg(tmp_path, "resumed", **flags, **{"train.resume": True}), reward_fn=lowercase_share)
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [m["step"] for m in metrics(tmp_path / "resumed") if "objective/scores" in m]
+    assert steps == [1, 2, 3]

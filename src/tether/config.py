@@ -172,7 +172,8 @@ class RolloutConfig:
 class PPOHyper:
     algo: str = _choice("ppo", ("ppo", "grpo", "rloo", "reinforce"))
     epochs: int = 2  # optimisation epochs over each rollout batch
-    minibatch_size: int = 4  # sequences per gradient step
+    minibatch_size: int = 4  # sequences per forward/backward
+    grad_accum: int = 1  # minibatches per optimizer step
     clip: float = 0.2
     dual_clip: float = 0.0  # 0 = off; e.g. 3.0
     vf_clip: float = 0.2
@@ -189,6 +190,7 @@ class PPOHyper:
     kl_horizon: int = 10000
     target_kl: float = 0.0  # stop the epoch early when approx KL passes this; 0 = off
     critic_warmup_steps: int = 0  # iterations that train only the critic
+    grpo_scale_std: bool = True  # False = Dr. GRPO (no division by the group's std)
     critic_init: str = _choice("reward", ("reward", "policy"), "critic from the reward model (Huang et al. 2024) or the policy")
     ptx_coef: float = 0.0  # PPO-ptx: LM loss on ptx_data mixed in (InstructGPT)
     ptx_data: str = "builtin:demos"

@@ -110,6 +110,12 @@ class Run:
             else:
                 self._ext.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
 
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """Free text (e.g. a markdown table of samples) for TensorBoard's text tab."""
+        self._trackers()
+        if self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
     def read_metrics(self) -> list[dict]:
         path = self.out / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -190,6 +190,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     prompts_all = task.prompts("train")
     held_out = task.prompts("eval")[: cfg.eval_prompts]
     beta = P.kl_coef
+    ref_length = 0.0  # mean response length of the first rollout: the reference point for length drift
 
     with Run(t.out, cfg, resume=t.resume, report_to=t.report_to) as run:
         it = 0
@@ -238,7 +239,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             else:
                 seq_reward = score - (beta * seq_kl if P.kl_in_reward and algo != "grpo" else 0.0)
                 if algo == "grpo":
-                    a = rl.grpo_advantages(seq_reward, R.group_size)
+                    a = rl.grpo_advantages(seq_reward, R.group_size, P.grpo_scale_std)
                 elif algo == "rloo":
                     a = rl.rloo_advantages(seq_reward, R.group_size)
                 else:
@@ -267,15 +268,19 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 "train/lr": scheduler.get_last_lr()[0], "train/nan_skipped": guard.total,
             }
             run.log(it, metrics)
-            warn(metrics)
+            ref_length = ref_length or metrics["response/length_mean"]
+            warn(metrics, ref_length)
             print(f"{algo} {it}/{t.max_steps}  score {metrics['objective/scores']:+.3f}  gold {metrics['objective/gold']:.3f}  "
                   f"kl {mean_kl:.3f}  len {metrics['response/length_mean']:.1f}  "
                   f"gen {timings['time/generate']:.1f}s score {timings['time/score']:.1f}s train {timings['time/train']:.1f}s",
                   file=sys.stderr, flush=True)
             if cfg.sample_every and it % cfg.sample_every == 0:
+                table = [{"step": it, "prompt": p.text, "response": txt, "score": s, "gold": g}
+                         for p, txt, s, g in list(zip(prompts, texts, score.tolist(), gold))[:8]]
                 with open(run.out / "samples.jsonl", "a") as f:
-                    for p, txt, s, g in list(zip(prompts, texts, score.tolist(), gold))[:8]:
-                        f.write(json.dumps({"step": it, "prompt": p.text, "response": txt, "score": s, "gold": g}) + "\n")
+                    f.write("".join(json.dumps(r) + "\n" for r in table))
+                run.log_text(it, "samples", "| prompt | response | score | gold |\n|---|---|---|---|\n" + "\n".join(
+                    f"| {_cell(r['prompt'])} | {_cell(r['response'])} | {r['score']:.3f} | {r['gold']:.3f} |" for r in table))
             if t.eval_every and it % t.eval_every == 0 and held_out:
                 run.log(it, {"eval/gold": heldout_gold(policy, tok, task, held_out, R, device)})
             if on_step is not None:
@@ -305,7 +310,9 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
     keys = ("query_ids", "query_mask", "response_ids", "lengths", "mask")
     acc: dict[str, list] = {}
     first_ratio = None
+    optimizer.zero_grad(set_to_none=True)
     for epoch in range(P.epochs):
+        n_mb = 0
         perm = torch.randperm(B)
         for start in range(0, B, P.minibatch_size):
             idx = perm[start : start + P.minibatch_size]
@@ -336,17 +343,20 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
                 lm = sft_loss(token_logprobs(logits, pb["input_ids"].to(device)), pb["loss_mask"].to(device), int(pb["loss_mask"][:, 1:].sum()))
                 loss = loss + P.ptx_coef * lm
                 acc.setdefault("loss/ptx", []).append(lm.item())
-            optimizer.zero_grad(set_to_none=True)
-            if not math.isfinite(loss.item()):
+            n_mb += 1
+            if not math.isfinite(loss.item()):  # skip this minibatch's gradient; the guard counts it
                 guard.ok(float("nan"))
+                optimizer.zero_grad(set_to_none=True)
                 continue
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            if guard.ok(loss.item(), grad_norm):
-                optimizer.step()
+            (loss / P.grad_accum).backward()
+            if n_mb % P.grad_accum == 0 or start + P.minibatch_size >= B:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                if guard.ok(loss.item(), grad_norm):
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                acc.setdefault("train/grad_norm", []).append(float(grad_norm))
             for k, v in (("loss/policy", pg_loss.item()), ("policy/approxkl", s["approxkl"]), ("policy/clipfrac", s["clipfrac"]),
-                         ("policy/ratio_mean", s["ratio_mean"]), ("entropy", rl.masked_mean(ent.detach(), m).item()),
-                         ("train/grad_norm", float(grad_norm))):
+                         ("policy/ratio_mean", s["ratio_mean"]), ("entropy", rl.masked_mean(ent.detach(), m).item())):
                 acc.setdefault(k, []).append(v)
         if P.target_kl and sum(acc["policy/approxkl"][-math.ceil(B / P.minibatch_size):]) / math.ceil(B / P.minibatch_size) > P.target_kl:
             acc.setdefault("policy/early_stop_epoch", []).append(epoch)
@@ -404,12 +414,19 @@ def heldout_gold(policy, tok, task, prompts, R, device) -> float:
     return sum(task.gold(p, o.text, o.finished).score for p, o in zip(prompts, outs)) / len(prompts)
 
 
-def warn(m: dict) -> None:
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:300]
+
+
+def warn(m: dict, ref_length: float) -> None:
     """Guards that do not stop the run but tell the user something is drifting."""
     if m["objective/kl"] > 20:
         log.warning("KL to the reference is %.1f nats per response: the policy is drifting far (raise kl_coef?)", m["objective/kl"])
     if m.get("policy/ratio_mean", 1.0) > 1.5 or m.get("policy/ratio_mean", 1.0) < 0.67:
         log.warning("PPO ratio mean %.2f is far from 1: lower the learning rate or the epochs", m["policy/ratio_mean"])
+    if ref_length and not 0.5 <= m["response/length_mean"] / ref_length <= 2.0:
+        log.warning("mean response length %.1f tokens vs %.1f at the start: length is drifting (reward hacking?)",
+                    m["response/length_mean"], ref_length)
     if m["response/eos_rate"] < 0.2:
         log.warning("only %.0f%% of responses end with EOS: they are being truncated", 100 * m["response/eos_rate"])
 
