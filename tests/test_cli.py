@@ -63,3 +63,12 @@ def test_sigterm_checkpoints_then_resume_finishes(tmp_path, chat_file):
     assert resumed.returncode == 0, resumed.stderr
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if "train/loss" in l]
     assert steps == list(range(1, stopped_at + 3))
+
+
+def test_quickstart_table_on_the_tiny_model(tmp_path, capsys):
+    code = main(["quickstart", "--fast", "--model", "builtin:tiny", "--out", str(tmp_path / "qs")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "loss (assistant tokens)" in out and "perplexity" in out and out.count("prompt: ") == 3
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["eval/loss"] < summary["eval/loss_initial"]

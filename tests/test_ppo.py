@@ -112,3 +112,21 @@ def test_interrupt_and_resume_equals_straight_run(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [m["step"] for m in metrics(tmp_path / "resumed") if "objective/scores" in m]
     assert steps == [1, 2, 3]
+
+
+def test_options_adaptive_kl_ptx_running_norm_kl_loss(tmp_path):
+    """The less common switches run and do what they say on a short tiny run."""
+    from tether.losses import rl
+
+    cfg = ppo_cfg(tmp_path, "opts", **{"train.max_steps": 2, "model.lora_r": 4, "ppo.adaptive_kl": True, "ppo.kl_target": 0.5,
+                                        "ppo.kl_horizon": 10, "ppo.ptx_coef": 0.5, "ppo.kl_in_reward": False,
+                                        "ppo.critic_warmup_steps": 1, "reward.clip": 0.3, "ppo.kl_estimator": "k3"})
+    s = ppo.train(cfg, reward_fn=lowercase_share)
+    ms = [m for m in metrics(tmp_path / "opts") if "objective/scores" in m]
+    assert all("loss/ptx" in m for m in ms[1:]) and "loss/ptx" not in ms[0]   # warm-up iteration trains the critic only
+    assert all(abs(m["objective/scores"]) <= 0.3 + 1e-6 for m in ms)          # reward clipping
+    # the controller moved beta from its start as Ziegler et al.'s rule says for the measured KL
+    beta = 0.05
+    for m in ms:
+        beta = rl.adaptive_kl_beta(beta, m["objective/kl"], 0.5, 10, 3)  # EchoTask has 3 prompts per rollout
+    assert s["kl/beta"] == pytest.approx(beta) and beta != 0.05
