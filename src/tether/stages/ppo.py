@@ -221,7 +221,9 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                     ref_logp, _ = policy_forward(ref, batch, R.temperature)
                 old_values = critic_forward(critic, batch).float() * mask if critic is not None else None
             old_logp, ref_logp = old_logp * mask, ref_logp * mask
+            timings["time/forward"] = time.time() - t0
             # ---- 3. score -----------------------------------------------------------------------
+            t0 = time.time()
             texts, finished = batch["texts"], batch["finished"]
             score, gold = scorer(prompts, texts, finished.tolist())
             if not cfg.reward.score_truncated:
@@ -272,7 +274,8 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             warn(metrics, ref_length)
             print(f"{algo} {it}/{t.max_steps}  score {metrics['objective/scores']:+.3f}  gold {metrics['objective/gold']:.3f}  "
                   f"kl {mean_kl:.3f}  len {metrics['response/length_mean']:.1f}  "
-                  f"gen {timings['time/generate']:.1f}s score {timings['time/score']:.1f}s train {timings['time/train']:.1f}s",
+                  f"gen {timings['time/generate']:.1f}s fwd {timings['time/forward']:.1f}s score {timings['time/score']:.1f}s "
+                  f"train {timings['time/train']:.1f}s",
                   file=sys.stderr, flush=True)
             if cfg.sample_every and it % cfg.sample_every == 0:
                 table = [{"step": it, "prompt": p.text, "response": txt, "score": s, "gold": g}
