@@ -184,7 +184,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
 
     modules = torch.nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     params = [p for p in modules.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, eps=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, eps=1e-5, weight_decay=t.weight_decay)  # eps 1e-5 as in CleanRL
     scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, t.max_steps)
     guard = NanGuard(P.max_nan_skips)
     prompts_all = task.prompts("train")
