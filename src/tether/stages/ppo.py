@@ -30,7 +30,7 @@ from tether import data as D
 from tether.config import PPOConfig
 from tether.errors import TetherError
 from tether.losses import rl
-from tether.losses.lm import sft_loss
+from tether.losses.lm import sft_loss, token_logprobs
 from tether.models import (apply_lora, autocast, default_device, load_causal_lm, load_reward_model, load_tokenizer,
                            resolve_dtype, save_pretrained, sequence_scores, token_scores)
 from tether.rollout import response_lengths
@@ -70,10 +70,6 @@ def critic_forward(critic, batch: dict) -> torch.Tensor:
     ids, mask, pos = join(batch)
     Q = batch["query_ids"].shape[1]
     return token_scores(critic, ids, mask, pos)[:, Q - 1 : -1]
-
-
-def sub(batch: dict, idx) -> dict:
-    return {k: v[idx] for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,8 +337,6 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
                 pb = D.collate(rows, tok.pad_token_id)
                 with autocast(device, dtype):
                     logits = policy(input_ids=pb["input_ids"].to(device), attention_mask=pb["attention_mask"].to(device)).logits
-                from tether.losses.lm import token_logprobs
-
                 lm = sft_loss(token_logprobs(logits, pb["input_ids"].to(device)), pb["loss_mask"].to(device), int(pb["loss_mask"][:, 1:].sum()))
                 loss = loss + P.ptx_coef * lm
                 acc.setdefault("loss/ptx", []).append(lm.item())
