@@ -1,5 +1,5 @@
-"""PPO on the tiny model: the exact first ratio, and which weights may move. (Learning tests for PPO,
-GRPO and RLOO come with the rest of the RL issue.)"""
+"""PPO on the tiny model: the exact first ratio, which weights may move, the critic's placement, a reward
+model with another tokenizer, learning a simple reward (PPO, GRPO, RLOO), exact resume, and the options."""
 
 import json
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tether.config import PPOConfig, load_config
+from tether.errors import TetherError
 from tether.models import load_causal_lm
 from tether.stages import ppo
 
@@ -31,6 +32,9 @@ def metrics(out):
 
 
 def test_first_ratio_is_one_and_only_policy_and_critic_move(tmp_path):
+    """LoRA: one base serves policy, reference (adapters off) and critic (its own adapter + head)."""
+    from transformers import AutoModelForCausalLM
+
     seen = {}
     cfg = ppo_cfg(tmp_path, **{"model.lora_r": 4, "train.max_steps": 1})
     ppo.train(cfg, reward_fn=lowercase_share, on_step=lambda it, run, modules: seen.update(modules=modules))
@@ -39,19 +43,89 @@ def test_first_ratio_is_one_and_only_policy_and_critic_move(tmp_path):
     assert m["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
     fresh = load_causal_lm("builtin:tiny").state_dict()
     policy, critic = seen["modules"]["policy"], seen["modules"]["critic"]
-    moved = 0
+    assert isinstance(critic, ppo.SharedCritic) and sorted(n for n, _ in critic.named_parameters()) == ["head.bias", "head.weight"]
+    moved = {"default": 0, "critic": 0}
     for name, p in policy.named_parameters():
         if "lora_" in name:
-            moved += not torch.equal(p, torch.zeros_like(p)) if "lora_B" in name else 0
-        else:  # the base = the reference (adapters disabled): bit-identical
+            assert p.requires_grad, name
+            moved[name.split(".")[-2]] += "lora_B" in name and not torch.equal(p, torch.zeros_like(p))
+        else:  # the base = the reference (adapters disabled): bit-identical, and not trainable
+            assert not p.requires_grad
             assert torch.equal(p.detach(), fresh[name.replace("base_model.model.", "").replace(".base_layer", "")]), name
-    assert moved > 0
-    assert any("lora_" in n and p.requires_grad for n, p in critic.named_parameters())
+    assert moved["default"] > 0 and moved["critic"] > 0, moved
     for key in ("objective/scores", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "policy/approxkl",
                 "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance", "kl/beta",
                 "response/length_mean", "response/eos_rate", "time/generate", "time/score", "time/train", "throughput/tokens_per_s"):
         assert key in m, key
-    assert (tmp_path / "ppo" / "samples.jsonl").exists() and (tmp_path / "ppo" / "model" / "config.json").exists()
+    out = tmp_path / "ppo"
+    assert (out / "samples.jsonl").exists()
+    # the saved model is the policy alone: the critic adapter is neither merged in nor saved beside it
+    assert not (out / "adapter" / "critic").exists()
+    ids = torch.tensor([[1, 504, 2683, 314, 260, 2]])
+    saved = AutoModelForCausalLM.from_pretrained(out / "model")
+    with torch.no_grad():
+        assert torch.allclose(saved(ids).logits, policy(input_ids=ids).logits, atol=1e-5)
+
+
+def test_separate_critic_with_lora_has_its_own_copy(tmp_path):
+    seen = {}
+    cfg = ppo_cfg(tmp_path, **{"model.lora_r": 4, "train.max_steps": 1, "ppo.critic_backbone": "separate"})
+    ppo.train(cfg, reward_fn=lowercase_share, on_step=lambda it, run, modules: seen.update(modules=modules))
+    policy, critic = seen["modules"]["policy"], seen["modules"]["critic"]
+    assert isinstance(critic, ppo.SeparateCritic)
+    assert all(".critic." not in n for n, _ in policy.named_parameters())
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in critic.named_parameters())
+    with pytest.raises(TetherError, match="needs LoRA"):
+        ppo.train(ppo_cfg(tmp_path, "full", **{"model.lora_r": 0, "ppo.critic_backbone": "shared"}), reward_fn=lowercase_share)
+
+
+def other_tokenizer_rm(folder):
+    """A tiny reward model whose tokenizer shares nothing with SmolLM2's: a 300-token BPE with its own
+    special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox says hello", "USER: ASSISTANT: answer in lower case", "Prompt number one two three"] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}</s>{% endfor %}"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_reward_model_with_a_different_tokenizer(tmp_path, caplog):
+    """The RM sees the decoded text re-tokenised with its own tokenizer and template; the critic, which
+    reads the policy's tokens, then starts from the policy instead of the RM."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tether.tasks import load_task
+
+    folder = other_tokenizer_rm(tmp_path / "rm")
+    cfg = ppo_cfg(tmp_path, **{"reward.model": str(folder), "reward.normalize": "none", "model.lora_r": 4, "train.max_steps": 1})
+    task = load_task("test_tasks:EchoTask")
+    prompts = task.prompts("train")[:2]
+    texts = ["hello fox", "the answer is three, said the quick brown fox"]
+    scores, _ = ppo.Scorer(cfg, task, torch.device("cpu"), torch.float32)(prompts, texts, [True, True])
+    rm, rm_tok = AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    for p, text, s in zip(prompts, texts, scores):
+        conv = p.messages + [{"role": "assistant", "content": text}]
+        ids = rm_tok(rm_tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        assert ids.max() < 300 and ids[0, -1] == rm_tok.eos_token_id
+        with torch.no_grad():
+            assert s.item() == pytest.approx(rm(ids).logits[0, 0].item(), abs=1e-5)
+    seen = {}
+    with caplog.at_level("WARNING", logger="tether"):
+        s = ppo.train(cfg, on_step=lambda it, run, modules: seen.update(modules=modules))
+    assert s["status"] == "done" and isinstance(seen["modules"]["critic"], ppo.SharedCritic)
+    assert "tokenizer differs" in caplog.text
 
 
 WORDS = ("apple", "river", "stone", "cloud")
@@ -93,10 +167,11 @@ def test_algorithms_raise_a_simple_reward(tmp_path, word_policy, algo, group):
     assert last > first + 0.15, scores
 
 
-def test_interrupt_and_resume_equals_straight_run(tmp_path):
+@pytest.mark.parametrize("lora_r", [0, 4])  # full fine-tuning (separate critic), LoRA (shared-base critic)
+def test_interrupt_and_resume_equals_straight_run(tmp_path, lora_r):
     from safetensors.torch import load_file
 
-    flags = {"train.max_steps": 3, "model.lora_r": 0, "ppo.grad_accum": 2, "ppo.minibatch_size": 3}
+    flags = {"train.max_steps": 3, "model.lora_r": lora_r, "ppo.grad_accum": 2, "ppo.minibatch_size": 3}
     ppo.train(ppo_cfg(tmp_path, "straight", **flags), reward_fn=lowercase_share)
 
     def interrupt(it, run, modules):

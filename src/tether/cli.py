@@ -58,7 +58,7 @@ def _stage_parser(sub, name: str, cls, help_: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tether.config import EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig
+    from tether.config import EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig
 
     parser = argparse.ArgumentParser(prog="tether", description="RLHF on one machine: SFT, reward models, PPO, DPO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,10 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "rm", RMConfig, "train a Bradley-Terry reward model on preference pairs")
     _stage_parser(sub, "eval-rm", EvalRMConfig, "reward model accuracy (labels, gold), Bayes ceiling, calibration, length bias")
     _stage_parser(sub, "ppo", PPOConfig, "RL against a reward model or function: PPO, GRPO, RLOO (--set ppo.algo=...)")
-    p = sub.add_parser("quickstart", help="the README's main job: SFT the embedded model, before/after table")
-    p.add_argument("--fast", action="store_true", help="a few minutes: fewer steps, shorter evaluation")
-    p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
-    p.add_argument("--model", default=None, help="model to start from (default: the embedded SmolLM2-135M-Instruct)")
+    _stage_parser(sub, "eval", EvalConfig, "models side by side on held-out prompts: gold, checks, RM score, KL, length, win rate")
+    p = sub.add_parser("run", help="run a pipeline recipe (stages sft, label, rm, ppo, eval, ...); finished stages are skipped")
+    p.add_argument("recipe", help="pipeline recipe YAML (see src/tether/recipes/quickstart.yaml)")
+    p.add_argument("--out", default=None, help="run folder (default: the recipe's `out`)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage even if it finished (repeatable)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a stage's config key, e.g. --set ppo.train.max_steps=10 (repeatable)")
+    p.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
+    p = sub.add_parser("quickstart", help="the README's main job: base -> SFT -> label -> RM -> PPO -> eval -> report")
+    p.add_argument("--fast", action="store_true", help="a first look in a few minutes: fewer prompts and steps")
+    p.add_argument("--out", default=None, help="run folder (default runs/quickstart, or runs/quickstart-fast)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage even if it finished")
+    p = sub.add_parser("report", help="write RUN/report/index.html (self-contained) and PNGs for a run folder")
+    p.add_argument("run", help="a `tether run` folder (or a single stage's output folder)")
+    p.add_argument("--out", default=None, help="report folder (default RUN/report)")
     sub.add_parser("env", help="print versions and CPU features for bug reports")
     return parser
 
@@ -117,6 +128,11 @@ def _run_stage(args) -> int:
         if s["status"] == "done":
             print(f"tether: done. policy: {s['model']}  held-out gold {s['eval/gold_initial']:.3f} -> {s['eval/gold']:.3f}  "
                   f"({s['wall_time_s']:.0f} s)")
+    elif args.command == "eval":
+        from tether.stages import evaluate
+
+        s = evaluate.evaluate(cfg)
+        print(evaluate.format_table(s))
     else:
         from tether.stages import eval_rm
 
@@ -134,10 +150,17 @@ def main(argv: list[str] | None = None) -> int:
 
             print(env_report())
             return 0
-        if args.command == "quickstart":
-            from tether.quickstart import quickstart
+        if args.command in ("run", "quickstart"):
+            from tether import pipeline
 
-            return quickstart(out=args.out, fast=args.fast, model=args.model)
+            if args.command == "quickstart":
+                return pipeline.quickstart(fast=args.fast, out=args.out, force=args.force)
+            return pipeline.run(args.recipe, out=args.out, force=args.force, sets=args.sets, report=not args.no_report)
+        if args.command == "report":
+            from tether.report import write_report
+
+            print(f"tether: report written to {write_report(args.run, args.out)}")
+            return 0
         return _run_stage(args)
     except TetherError as e:
         print(f"tether: error: {e}", file=sys.stderr)

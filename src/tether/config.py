@@ -192,9 +192,30 @@ class PPOHyper:
     critic_warmup_steps: int = 0  # iterations that train only the critic
     grpo_scale_std: bool = True  # False = Dr. GRPO (no division by the group's std)
     critic_init: str = _choice("reward", ("reward", "policy"), "critic from the reward model (Huang et al. 2024) or the policy")
+    critic_backbone: str = _choice("auto", ("auto", "shared", "separate"),
+                                   "shared: the critic is its own LoRA adapter on the policy's base (no second model); "
+                                   "auto: shared with LoRA unless the critic starts from a reward model's weights")
     ptx_coef: float = 0.0  # PPO-ptx: LM loss on ptx_data mixed in (InstructGPT)
     ptx_data: str = "builtin:demos"
     max_nan_skips: int = 5
+
+
+@dataclass
+class MonitorConfig:
+    """Over-optimisation monitor (Gao, Schulman, Hilton 2022): proxy and gold side by side against sqrt(KL)."""
+    window: int = 5  # iterations compared: the last `window` against the `window` before them
+    gold_drop: float = 0.02  # flag 'gold falls while proxy rises' when gold drops by more than this ...
+    proxy_rise: float = 0.02  # ... while the proxy score rises by more than this
+    length_corr: float = 0.5  # flag when |corr(score, response length)| over the window passes this
+    repetition: float = 0.2  # flag when the mean repeated-4-gram share of responses passes this
+    stop_on_flag: bool = False  # stop the run at the first over-optimisation flag (the best checkpoint is kept)
+    keep_best: str = _choice("none", ("none", "gold", "proxy"),
+                             "keep OUT/best: the policy with the best held-out gold (eval.gold at eval_every), or best proxy within kl_budget")
+    kl_budget: float = 0.0  # keep_best=proxy: only iterations with KL below this count; 0 = no limit
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overriding, validating
 
 
 @dataclass
@@ -207,10 +228,31 @@ class PPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/ppo", lr=1e-4, max_steps=30, save_every=10))
     sample_every: int = 5  # write a sample table to OUT/samples.jsonl every N iterations
     eval_prompts: int = 32  # held-out prompts scored by gold (greedy) before and after training; 0 = off
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading, overriding, validating
+@dataclass
+class EvalSampleConfig:
+    temperature: float = 0.0  # 0 = greedy: the scores in the table come from deterministic responses
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+
+@dataclass
+class EvalConfig:
+    """`tether eval`: models on held-out prompts of a task, side by side."""
+    models: dict[str, str] = field(default_factory=dict)  # label -> model (builtin:*, folder); evaluated in order
+    reference: str = ""  # label in `models` (or a model) for KL(model || reference); "" = the first model
+    baseline: str = ""  # label the others' win rates are measured against; "" = the reference
+    reward_model: str = ""  # reward model folder for rm scores and best-of-n; "" = none
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(num_eval_prompts=64))
+    sample: EvalSampleConfig = field(default_factory=EvalSampleConfig)
+    kl_samples: int = 1  # responses per prompt sampled at temperature 1 for the KL estimate (and sampled gold); 0 = off
+    best_of_n: int = 0  # best-of-n against the reward model from the reference, n = 1, 2, 4, ... up to this; 0 = off
+    out: str = "runs/eval"
+    seed: int = 0
+    dtype: str = _choice("auto", ("auto", "fp32", "bf16"))
 
 
 def config_keys(cls) -> list[str]:
@@ -223,6 +265,18 @@ def config_keys(cls) -> list[str]:
         else:
             keys.append(f.name)
     return keys
+
+
+def _mapping_keys(cls, prefix: str = "") -> list[str]:
+    """Dotted keys of dict-typed fields (e.g. eval's `models`), whose entries `--set models.sft=...` may add."""
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _mapping_keys(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is dict:
+            out.append(prefix + f.name)
+    return out
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> TetherError:
@@ -243,6 +297,11 @@ def _coerce(value: Any, tp: Any, key: str, choices: tuple = ()) -> Any:
         if value is None and type(None) in args:
             return None
         tp = next(a for a in args if a is not type(None))
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            raise TetherError(f"config key '{key}' expects a mapping, got {value!r}")
+        vt = typing.get_args(tp)[1]
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
@@ -318,7 +377,7 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
             _set_dotted(tree, key, value)
     for s in sets:
         key, value = parse_override(s)
-        if key not in config_keys(cls):
+        if key not in config_keys(cls) and not any(key.startswith(k + ".") for k in _mapping_keys(cls)):
             raise _unknown_key(key, config_keys(cls), " (from --set)")
         _set_dotted(tree, key, value)
     return _build(cls, tree, "", "")

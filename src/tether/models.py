@@ -307,16 +307,20 @@ def save_pretrained(model, tokenizer, out: Path, merge: bool = True) -> Path:
     model_dir = out / "model"
     is_peft = hasattr(model, "peft_config")
     if is_peft:
-        model.save_pretrained(out / "adapter", safe_serialization=True)
+        # Only the active adapter is the model (PPO's shared critic is a second adapter on the same base).
+        active = model.active_adapter
+        model.save_pretrained(out / "adapter", safe_serialization=True, selected_adapters=[active])
         tokenizer.save_pretrained(out / "adapter")
         if merge:
-            # merge into a copy so the caller's model keeps its adapter
+            # merge into a copy so the caller's model keeps its adapters
             import copy
 
-            merged = copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(model_dir, safe_serialization=True)
+            merged = copy.deepcopy(model)
+            for name in [n for n in merged.peft_config if n != active]:
+                merged.delete_adapter(name)
+            merged.merge_and_unload().save_pretrained(model_dir, safe_serialization=True)
         else:
-            model.save_pretrained(model_dir, safe_serialization=True)
+            model.save_pretrained(model_dir, safe_serialization=True, selected_adapters=[active])
     else:
         model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)

@@ -69,7 +69,94 @@ def critic_forward(critic, batch: dict) -> torch.Tensor:
     """V(x, y_<t) for each response token t (B, T): the head at the position before the token."""
     ids, mask, pos = join(batch)
     Q = batch["query_ids"].shape[1]
-    return token_scores(critic, ids, mask, pos)[:, Q - 1 : -1]
+    return critic(ids, mask, pos)[:, Q - 1 : -1]
+
+
+class SeparateCritic(torch.nn.Module):
+    """The critic as its own model with a scalar head (from the reward model, Huang et al. 2024, or a
+    fresh head on the policy's weights); with LoRA, its own adapter on its own copy."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask, pos):
+        return token_scores(self.model, ids, mask, pos)
+
+
+class SharedCritic(torch.nn.Module):
+    """The critic as a second LoRA adapter ('critic') on the policy's own base model plus a scalar head:
+    one copy of the base weights serves policy, reference (adapters off) and critic.
+
+    The policy is held outside this module's parameters (it is trained and saved as the policy); both
+    adapters stay trainable: peft's set_adapter freezes the inactive one, and autograd drops the
+    gradient of a leaf that no longer requires grad at backward time.
+    """
+
+    def __init__(self, policy, r: int, alpha: int, target: str):
+        from peft import LoraConfig
+
+        super().__init__()
+        targets = target if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
+        policy.add_adapter("critic", LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
+        self._policy = [policy]  # a list, so nn.Module does not register it as a submodule
+        hidden = policy.get_base_model().config.hidden_size
+        self.head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))  # as lm-human-preferences' heads
+        torch.nn.init.zeros_(self.head.bias)
+        _both_trainable(policy)
+
+    def forward(self, ids, mask, pos):
+        policy = self._policy[0]
+        policy.set_adapter("critic")
+        try:
+            backbone = getattr(policy.get_base_model(), policy.get_base_model().base_model_prefix)
+            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        finally:
+            policy.set_adapter("default")
+            _both_trainable(policy)
+        return self.head(hidden).squeeze(-1).float()
+
+
+def _same_vocab(rm_tok, tok) -> bool:
+    """True when token ids mean the same in both; a pad token the reward tokenizer added does not count."""
+    a, b = rm_tok.get_vocab(), tok.get_vocab()
+    if rm_tok.pad_token is not None and rm_tok.pad_token not in b:
+        a = {k: v for k, v in a.items() if k != rm_tok.pad_token}
+    return a == b
+
+
+def _both_trainable(policy) -> None:
+    policy.set_requires_grad(["default", "critic"], True)
+
+
+def make_critic(cfg: PPOConfig, policy, tok, rm_tok=None):
+    """None for critic-free algorithms; else a module mapping (ids, mask, positions) -> values (B, T).
+
+    The critic reads the policy's tokens, so it can start from the reward model only when the two
+    share a vocabulary; otherwise it starts from the policy (with a warning)."""
+    P, M = cfg.ppo, cfg.model
+    if P.algo != "ppo":
+        return None
+    from_rm = P.critic_init == "reward" and bool(cfg.reward.model)
+    if from_rm and rm_tok is not None and not _same_vocab(rm_tok, tok):
+        log.warning("the reward model's tokenizer differs from the policy's: the critic starts from the policy instead")
+        from_rm = False
+    mode = P.critic_backbone
+    if mode == "auto":
+        mode = "shared" if M.lora_r > 0 and not from_rm else "separate"
+    if mode == "shared":
+        if M.lora_r <= 0:
+            raise TetherError("ppo.critic_backbone=shared needs LoRA (model.lora_r > 0): the critic is an adapter on the policy's base")
+        if from_rm:
+            log.warning("critic_backbone=shared: the critic starts from the policy's base, not from the reward model's weights")
+        return SharedCritic(policy, M.lora_r, M.lora_alpha, M.lora_target)
+    source = cfg.reward.model if from_rm else M.name
+    model, _ = load_reward_model(source)
+    _no_dropout(model)
+    if M.lora_r > 0:
+        model = apply_lora(model, M.lora_r, M.lora_alpha, 0.0, M.lora_target, "SEQ_CLS")
+    return SeparateCritic(model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,15 +252,10 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     else:
         ref = load_causal_lm(cfg.model.name, cfg.model.trust_remote_code).eval().requires_grad_(False).to(device)
     policy.to(device)
-    critic = None
-    if algo == "ppo":  # the critic: from the reward model (Huang et al. 2024) or from the policy's weights
-        source = cfg.reward.model if (P.critic_init == "reward" and cfg.reward.model) else cfg.model.name
-        critic, _ = load_reward_model(source)
-        _no_dropout(critic)
-        if cfg.model.lora_r > 0:
-            critic = apply_lora(critic, cfg.model.lora_r, cfg.model.lora_alpha, 0.0, cfg.model.lora_target, "SEQ_CLS")
-        critic.to(device)
     scorer = Scorer(cfg, task, device, dtype, reward_fn or load_reward_fn(cfg.reward.function))
+    critic = make_critic(cfg, policy, tok, scorer.rm_tok)
+    if critic is not None:
+        critic.to(device)
     ptx = None
     if P.ptx_coef > 0:
         ptx = D.prepare_sft(tok, D.read_rows(P.ptx_data), 256, "truncate")
