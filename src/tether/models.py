@@ -241,6 +241,26 @@ def sequence_scores(model, input_ids: torch.Tensor, lengths: torch.Tensor) -> to
     return values.gather(1, (lengths.to(values.device) - 1)[:, None]).squeeze(1)
 
 
+@torch.no_grad()
+def score_conversations(rm, rm_tok, conversations: list[list[dict]], device, dtype, batch_size: int = 16,
+                        max_length: int = 1024) -> torch.Tensor:
+    """Reward-model scores (N,) in fp32 on the CPU of whole conversations (prompt + response messages).
+
+    Each conversation is re-tokenised with the reward model's own tokenizer and chat template (so it
+    may differ from the policy's), right-padded with its pad id and scored at its last real token."""
+    from tether.data import tokenize_scored
+
+    out = []
+    for i in range(0, len(conversations), batch_size):
+        ids = [tokenize_scored(rm_tok, c, max_length) for c in conversations[i : i + batch_size]]
+        x = torch.full((len(ids), max(map(len, ids))), rm_tok.pad_token_id, dtype=torch.long)
+        for j, s in enumerate(ids):
+            x[j, : len(s)] = torch.tensor(s)
+        with autocast(device, dtype):
+            out.append(sequence_scores(rm, x.to(device), torch.tensor([len(s) for s in ids])).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def load_policy(mcfg, device: torch.device | str = "cpu"):
     """Model + tokenizer as a ModelConfig describes them, ready to train."""
     tok = load_tokenizer(mcfg.name, mcfg.trust_remote_code)

@@ -24,16 +24,16 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from tether import data as D
 from tether.config import PPOConfig
 from tether.errors import TetherError
 from tether.losses import rl
 from tether.losses.lm import sft_loss, token_logprobs
+from tether.monitor import Monitor
 from tether.models import (apply_lora, autocast, default_device, load_causal_lm, load_reward_model, load_tokenizer,
                            resolve_dtype, save_pretrained, sequence_scores, token_scores)
-from tether.rollout import response_lengths
+from tether.rollout import generate, join, policy_forward, sample_batch
 from tether.runloop import NanGuard, Run, make_scheduler, seed_everything
 from tether.tasks import load_task
 
@@ -42,27 +42,6 @@ log = logging.getLogger("tether")
 
 # --------------------------------------------------------------------------------------------------
 # Forward passes over (query, response) batches
-
-
-def join(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded queries + right-padded responses -> ids, attention mask, position ids. The
-    response part of the mask comes from lengths (pad == EOS), positions from the mask (left padding)."""
-    T = batch["response_ids"].shape[1]
-    resp_mask = (torch.arange(T, device=batch["lengths"].device)[None, :] < batch["lengths"][:, None]).long()
-    ids = torch.cat([batch["query_ids"], batch["response_ids"]], dim=1)
-    mask = torch.cat([batch["query_mask"], resp_mask], dim=1)
-    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
-
-
-def policy_forward(model, batch: dict, temperature: float, with_entropy: bool = False):
-    """Per-token log pi(y_t | x, y_<t) of the response tokens (B, T), at the sampling temperature."""
-    ids, mask, pos = join(batch)
-    Q = batch["query_ids"].shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-    logits = logits[:, Q - 1 : -1].float() / temperature
-    targets = batch["response_ids"]
-    logp = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
-    return logp, (rl.entropy_from_logits(logits) if with_entropy else None)
 
 
 def critic_forward(critic, batch: dict) -> torch.Tensor:
@@ -269,23 +248,28 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     held_out = task.prompts("eval")[: cfg.eval_prompts]
     beta = P.kl_coef
     ref_length = 0.0  # mean response length of the first rollout: the reference point for length drift
+    monitor = Monitor(cfg.monitor)
+    best = {"value": None, "step": None}  # monitor.keep_best: the best policy so far, kept in OUT/best
+    stopped_early = None
 
     with Run(t.out, cfg, resume=t.resume, report_to=t.report_to) as run:
         it = 0
         if t.resume and run.latest_checkpoint() is not None:
             progress = run.load_checkpoint(modules, optimizer, scheduler, guard)
-            it, beta = progress["step"], progress["beta"]
+            it, beta, best, ref_length = progress["step"], progress["beta"], progress["best"], progress["ref_length"]
+            monitor.load_state(progress["monitor"])
         log.info("%s: %d iterations x %d prompts x %d samples, dtype %s", algo.upper(), t.max_steps, R.prompts_per_step,
                  R.group_size, str(dtype).replace("torch.", ""))
         if it == 0 and held_out:
-            run.log(0, {"eval/gold": heldout_gold(policy, tok, task, held_out, R, device)})
+            run.log(0, {"eval/gold": heldout_gold(policy, tok, task, held_out, R, device, dtype)})
         while it < t.max_steps:
             timings = {}
             # ---- 1. rollout ---------------------------------------------------------------------
             t0 = time.time()
             order = torch.randperm(len(prompts_all), generator=torch.Generator().manual_seed(t.seed * 7919 + it))
             prompts = [prompts_all[i] for i in order[: R.prompts_per_step].tolist() for _ in range(R.group_size)]
-            batch = rollout(policy, tok, prompts, R, device)
+            with autocast(device, dtype):  # bf16 sampling; the log-probs below are recomputed, so the ratio stays exact
+                batch = sample_batch(policy, tok, prompts, R, device)
             timings["time/generate"] = time.time() - t0
             lengths, mask = batch["lengths"], batch["mask"]
             # ---- 2. old log-probs, reference log-probs, values (no autograd) --------------------
@@ -347,7 +331,16 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 **stats, **timings, "throughput/tokens_per_s": n_tokens / max(1e-9, sum(timings.values())),
                 "train/lr": scheduler.get_last_lr()[0], "train/nan_skipped": guard.total,
             }
+            # ---- over-optimisation monitor (proxy vs gold vs sqrt KL, length, repetition) ------
+            done = finished.tolist()
+            mon, flags = monitor.update(it, metrics["objective/scores"], metrics["objective/gold"], mean_kl,
+                                        [x for x, d in zip(score.tolist(), done) if d], [n for n, d in zip(lengths.tolist(), done) if d], texts)
+            metrics |= mon
             run.log(it, metrics)
+            for f in flags:
+                log.warning("monitor, iteration %d: %s", it, f.message)
+                with open(run.out / "monitor.jsonl", "a") as fh:
+                    fh.write(json.dumps(f.__dict__) + "\n")
             ref_length = ref_length or metrics["response/length_mean"]
             warn(metrics, ref_length)
             print(f"{algo} {it}/{t.max_steps}  score {metrics['objective/scores']:+.3f}  gold {metrics['objective/gold']:.3f}  "
@@ -362,17 +355,32 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                     f.write("".join(json.dumps(r) + "\n" for r in table))
                 run.log_text(it, "samples", "| prompt | response | score | gold |\n|---|---|---|---|\n" + "\n".join(
                     f"| {_cell(r['prompt'])} | {_cell(r['response'])} | {r['score']:.3f} | {r['gold']:.3f} |" for r in table))
+            value = None
             if t.eval_every and it % t.eval_every == 0 and held_out:
-                run.log(it, {"eval/gold": heldout_gold(policy, tok, task, held_out, R, device)})
+                g = heldout_gold(policy, tok, task, held_out, R, device, dtype)
+                run.log(it, {"eval/gold": g})
+                value = g if cfg.monitor.keep_best == "gold" else None
+            if cfg.monitor.keep_best == "proxy" and (not cfg.monitor.kl_budget or mean_kl <= cfg.monitor.kl_budget):
+                value = metrics["objective/scores"]
+            if value is not None and (best["value"] is None or value > best["value"]):
+                best = {"value": value, "step": it, "kind": cfg.monitor.keep_best, "kl": mean_kl}
+                save_pretrained(policy, tok, run.out / "best", merge=cfg.model.merge)
+                (run.out / "best" / "best.json").write_text(json.dumps(best, indent=2))
             if on_step is not None:
                 on_step(it, run, modules)
+            if cfg.monitor.stop_on_flag and any(f.flag == "gold_falls_while_proxy_rises" for f in flags):
+                stopped_early = f"over-optimisation flagged at iteration {it}"
+                log.warning("monitor: stopping (%s); the best policy so far is in %s", stopped_early, run.out / "best")
+                break
+            progress = {"beta": beta, "nan_skipped": guard.total, "best": best, "ref_length": ref_length, "monitor": monitor.state()}
             if run.stop_requested or (t.save_every and it % t.save_every == 0 and it < t.max_steps):
-                run.save_checkpoint(it, modules, optimizer, scheduler, {"beta": beta, "nan_skipped": guard.total}, t.keep_checkpoints)
+                run.save_checkpoint(it, modules, optimizer, scheduler, progress, t.keep_checkpoints)
             if run.stop_requested:
                 print(f"tether: stopped at iteration {it}; checkpoint saved. Continue with --resume.", file=sys.stderr)
                 return {"status": "interrupted", "step": it}
-        run.save_checkpoint(it, modules, optimizer, scheduler, {"beta": beta, "nan_skipped": guard.total}, t.keep_checkpoints)
-        final_gold = heldout_gold(policy, tok, task, held_out, R, device) if held_out else float("nan")
+        progress = {"beta": beta, "nan_skipped": guard.total, "best": best, "ref_length": ref_length, "monitor": monitor.state()}
+        run.save_checkpoint(it, modules, optimizer, scheduler, progress, t.keep_checkpoints)
+        final_gold = heldout_gold(policy, tok, task, held_out, R, device, dtype) if held_out else float("nan")
         if held_out:
             run.log(it, {"eval/gold": final_gold})
         initial_gold = next((m["eval/gold"] for m in run.read_metrics() if m["step"] == 0 and "eval/gold" in m), float("nan"))
@@ -380,7 +388,10 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
         last = run.read_metrics()[-1] if run.read_metrics() else {}
         return run.finish({"stage": "ppo", "algo": algo, "status": "done", "steps": it, "eval/gold_initial": initial_gold, "eval/gold": final_gold,
                            **{k: v for k, v in last.items() if k.startswith(("objective/", "response/"))},
-                           "kl/beta": beta, "nan_skipped": guard.total, "model": str(model_dir)})
+                           "kl/beta": beta, "nan_skipped": guard.total, "model": str(model_dir),
+                           "monitor": {"flags": monitor.counts(), "first_flag": {f.flag: f.step for f in reversed(monitor.flags)},
+                                       "stopped_early": stopped_early},
+                           **({"best": {**best, "model": str(run.out / "best" / "model")}} if best["step"] is not None else {})})
 
 
 def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values, adv, returns,
@@ -456,40 +467,10 @@ def explained_variance(values, returns, mask) -> float:
 
 
 @torch.no_grad()
-def rollout(policy, tok, prompts, R, device) -> dict:
-    """Sample one response per prompt entry; returns ids, lengths (first EOS included), masks, texts."""
-    policy.eval()
-    q_ids, q_mask, r_ids = [], [], []
-    for i in range(0, len(prompts), R.batch_size):
-        texts = [D.render(tok, p.messages, add_generation_prompt=True) for p in prompts[i : i + R.batch_size]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = policy.generate(**enc, do_sample=True, temperature=R.temperature, top_p=1.0, top_k=0,
-                              max_new_tokens=R.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        q_ids.append(enc["input_ids"])
-        q_mask.append(enc["attention_mask"])
-        r_ids.append(out[:, enc["input_ids"].shape[1]:])
-    policy.train()
-    Q = max(x.shape[1] for x in q_ids)
-    T = max(x.shape[1] for x in r_ids)
-    pad = tok.pad_token_id
-    query_ids = torch.cat([F.pad(x, (Q - x.shape[1], 0), value=pad) for x in q_ids])
-    query_mask = torch.cat([F.pad(x, (Q - x.shape[1], 0), value=0) for x in q_mask])
-    response_ids = torch.cat([F.pad(x, (0, T - x.shape[1]), value=pad) for x in r_ids])
-    lengths = response_lengths(response_ids, tok.eos_token_id)
-    finished = (response_ids == tok.eos_token_id).any(dim=1)
-    mask = (torch.arange(T, device=response_ids.device)[None, :] < lengths[:, None]).float()
-    texts = [tok.decode(r[: n - 1 if f else n], skip_special_tokens=True).strip()
-             for r, n, f in zip(response_ids.tolist(), lengths.tolist(), finished.tolist())]
-    return {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids, "lengths": lengths,
-            "mask": mask, "finished": finished.cpu(), "texts": texts}
-
-
-@torch.no_grad()
-def heldout_gold(policy, tok, task, prompts, R, device) -> float:
+def heldout_gold(policy, tok, task, prompts, R, device, dtype) -> float:
     """Mean gold score of greedy responses on held-out prompts."""
-    from tether.rollout import generate
-
-    outs = generate(policy, tok, [p.messages for p in prompts], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size)
+    with autocast(device, dtype):
+        outs = generate(policy, tok, [p.messages for p in prompts], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size)
     return sum(task.gold(p, o.text, o.finished).score for p, o in zip(prompts, outs)) / len(prompts)
 
 

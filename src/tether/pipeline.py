@@ -1,0 +1,286 @@
+"""`tether run RECIPE.yaml`: stages in one run folder, each stage's inputs naming earlier outputs.
+
+A recipe:
+
+    name: my-pipeline
+    out: runs/my-pipeline            # the run folder; each stage writes to RUN/<stage name>
+    stages:                          # run in this order
+      sft:                           # the stage name is its kind, unless `kind:` says otherwise
+        model: {name: builtin:smollm2-135m-instruct}
+        train: {max_steps: 40}
+      label:
+        model: {name: "${sft.model}"}        # an earlier stage's output
+      rm:
+        model: {name: "${sft.model}"}
+        data: {path: "${label.train}", eval_path: "${label.eval}"}
+      ppo_low_beta:
+        kind: ppo
+        ...
+
+`${stage.key}` is read from that stage's summary.json (`model`, or a section with a `path`, such as
+label's `train`); `${stage.out}` is its folder. A stage's section is exactly the config of
+`tether <kind>` (its own `out` is set by the pipeline).
+
+Re-running skips finished stages: RUN/pipeline.json records each stage's status and a hash of its
+resolved config plus the identity of the outputs it read, so editing a stage's config, or rerunning
+one (`--force STAGE`), reruns it and everything downstream of it. A stage that was interrupted
+resumes from its newest checkpoint when its config is unchanged, so a killed pipeline redoes only
+what was not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from tether.config import EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig, load_config, parse_override
+from tether.errors import TetherError
+from tether.runloop import _atomic_write_text
+
+log = logging.getLogger("tether")
+REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\.([A-Za-z0-9_.\-/]+)\}")
+
+
+def _sft(cfg):
+    from tether.stages import sft
+
+    return sft.train(cfg)
+
+
+def _label(cfg):
+    from tether.stages import label
+
+    s = label.run_label(cfg)
+    print(label.format_report(s), file=sys.stderr)
+    return s
+
+
+def _rm(cfg):
+    from tether.stages import rm
+
+    return rm.train(cfg)
+
+
+def _eval_rm(cfg):
+    from tether.stages import eval_rm
+
+    s = eval_rm.evaluate_rm(cfg)
+    print(eval_rm.format_report(s), file=sys.stderr)
+    return s
+
+
+def _ppo(cfg):
+    from tether.stages import ppo
+
+    return ppo.train(cfg)
+
+
+def _eval(cfg):
+    from tether.stages import evaluate
+
+    return evaluate.evaluate(cfg)
+
+
+@dataclass(frozen=True)
+class Kind:
+    config: type
+    run: Callable[[Any], dict]
+    out_key: str       # the dotted config key of the stage's output folder
+    resumable: bool    # has train.resume (label resumes by itself; evaluations are cheap to redo)
+
+
+KINDS = {
+    "sft": Kind(SFTConfig, _sft, "train.out", True),
+    "label": Kind(LabelConfig, _label, "out", False),
+    "rm": Kind(RMConfig, _rm, "train.out", True),
+    "eval_rm": Kind(EvalRMConfig, _eval_rm, "out", False),
+    "ppo": Kind(PPOConfig, _ppo, "train.out", True),
+    "eval": Kind(EvalConfig, _eval, "out", False),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def read_recipe(path: str | Path, sets: list[str] = ()) -> dict:
+    """The recipe as {name, out, stages: {name: (kind, tree)}}, validated before anything runs."""
+    p = Path(path)
+    if not p.is_file():
+        raise TetherError(f"recipe not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TetherError(f"{p}: invalid YAML: {e}") from None
+    unknown = set(raw) - {"name", "out", "stages", "description"}
+    if unknown:
+        raise TetherError(f"{p}: unknown top-level key(s) {', '.join(sorted(unknown))}; a recipe has name, out, stages")
+    if not isinstance(raw.get("stages"), dict) or not raw["stages"]:
+        raise TetherError(f"{p}: 'stages' must be a non-empty mapping of stage name -> config")
+    stages: dict[str, tuple[str, dict]] = {}
+    for name, tree in raw["stages"].items():
+        tree = dict(tree or {})
+        kind = tree.pop("kind", name)
+        if kind not in KINDS:
+            raise TetherError(f"{p}: stage '{name}' has unknown kind '{kind}'; kinds: {', '.join(KINDS)} (set `kind:`)")
+        stages[str(name)] = (kind, tree)
+    for s in sets:  # --set STAGE.key=value
+        key, value = parse_override(s)
+        stage, _, rest = key.partition(".")
+        if stage not in stages or not rest:
+            raise TetherError(f"--set {s}: expected STAGE.KEY=VALUE with STAGE one of {', '.join(stages)}")
+        node = stages[stage][1]
+        *parents, leaf = rest.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    names = list(stages)
+    for i, (name, (kind, tree)) in enumerate(stages.items()):
+        for ref_stage, _ in REF.findall(json.dumps(tree)):
+            if ref_stage not in names[:i]:
+                raise TetherError(f"{p}: stage '{name}' refers to '${{{ref_stage}...}}', which is not an earlier stage")
+        load_config(KINDS[kind].config, None, _placeholder(tree))  # unknown keys and bad types fail now, not hours later
+    return {"name": raw.get("name", p.stem), "out": raw.get("out", f"runs/{p.stem}"), "stages": stages, "recipe": str(p)}
+
+
+def _placeholder(tree):
+    """The tree with references replaced by a dummy string, for validation before the stages ran."""
+    return json.loads(REF.sub("REF", json.dumps(tree)))
+
+
+def _lookup(stage: str, key: str, outputs: dict[str, dict]) -> str:
+    s = outputs[stage]
+    if key == "out":
+        return s["_out"]
+    node: Any = s
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise TetherError(f"${{{stage}.{key}}}: stage '{stage}' has no output '{key}' (its summary has {', '.join(k for k in s if not k.startswith('_'))})")
+        node = node[part]
+    if isinstance(node, dict) and "path" in node:
+        node = node["path"]
+    return str(node)
+
+
+def resolve(tree, outputs: dict[str, dict]):
+    """Substitute ${stage.key} in every string of a config tree."""
+    if isinstance(tree, dict):
+        return {k: resolve(v, outputs) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [resolve(v, outputs) for v in tree]
+    if isinstance(tree, str):
+        return REF.sub(lambda m: _lookup(m.group(1), m.group(2), outputs), tree)
+    return tree
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+def run(recipe: str | Path, out: str | None = None, force: list[str] = (), sets: list[str] = (), report: bool = True) -> int:
+    r = read_recipe(recipe, sets)
+    root = Path(out or r["out"])
+    for name in force:
+        if name not in r["stages"]:
+            raise TetherError(f"--force {name}: no such stage (stages: {', '.join(r['stages'])})")
+    root.mkdir(parents=True, exist_ok=True)
+    state_path = root / "pipeline.json"
+    old = {s["name"]: s for s in json.loads(state_path.read_text())["stages"]} if state_path.exists() else {}
+    state = {"name": r["name"], "recipe": r["recipe"], "stages": []}
+    outputs: dict[str, dict] = {}
+    forced, t_all = set(force), time.time()
+
+    def save():
+        _atomic_write_text(state_path, json.dumps(state, indent=2))
+
+    for name, (kind, tree) in r["stages"].items():
+        K = KINDS[kind]
+        stage_out = root / name
+        resolved = resolve(tree, outputs)
+        upstream = sorted({s for s, _ in REF.findall(json.dumps(tree))})
+        digest = _hash(kind, resolved, [outputs[u]["_token"] for u in upstream])
+        if any(u in forced for u in upstream):
+            forced.add(name)  # a rerun upstream stage gives new inputs: downstream reruns too
+        prev = old.get(name, {})
+        summary_path = stage_out / "summary.json"
+        entry = {"name": name, "kind": kind, "out": str(stage_out), "hash": digest}
+        if (name not in forced and prev.get("status") == "done" and prev.get("hash") == digest and summary_path.exists()):
+            summary = json.loads(summary_path.read_text())
+            outputs[name] = {**summary, "_out": str(stage_out), "_token": prev["token"]}
+            state["stages"].append({**prev, "skipped": True})
+            save()
+            print(f"tether: [{name}] finished earlier, skipped (--force {name} reruns it)", file=sys.stderr)
+            continue
+        resume = K.resumable and prev.get("hash") == digest and prev.get("status") != "done" and name not in forced
+        if stage_out.exists() and not resume:
+            shutil.rmtree(stage_out)  # stale: another config, forced, or finished with other inputs
+        sets_ = [f"{K.out_key}={stage_out}"] + (["train.resume=true"] if resume and (stage_out / "checkpoints").exists() else [])
+        cfg = load_config(K.config, None, resolved, sets_)
+        state["stages"].append({**entry, "status": "running", "started": time.time()})
+        save()
+        print(f"tether: [{name}] {kind} -> {stage_out}{' (resuming)' if 'train.resume=true' in sets_ else ''}", file=sys.stderr)
+        t0 = time.time()
+        try:
+            summary = K.run(cfg)
+        except BaseException:
+            state["stages"][-1].update(status="failed", wall_time_s=round(time.time() - t0, 1))
+            save()
+            raise
+        status = summary.get("status", "done")
+        state["stages"][-1].update(status=status, wall_time_s=round(time.time() - t0, 1), token=f"{digest[:12]}-{time.time():.3f}")
+        save()
+        if status != "done":
+            print(f"tether: [{name}] {status}; run the same command again to continue", file=sys.stderr)
+            return 130
+        outputs[name] = {**summary, "_out": str(stage_out), "_token": state["stages"][-1]["token"]}
+    state["wall_time_s"] = round(time.time() - t_all, 1)
+    save()
+    print(_timings(state), file=sys.stderr)
+    if report:
+        from tether.report import write_report
+
+        print(f"tether: report: {write_report(root)}", file=sys.stderr)
+    return 0
+
+
+def _hash(kind: str, resolved: dict, upstream_tokens: list[str]) -> str:
+    blob = json.dumps({"kind": kind, "config": resolved, "inputs": upstream_tokens}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _timings(state: dict) -> str:
+    rows = [f"  {s['name']:<14}{s['kind']:<9}{'skipped' if s.get('skipped') else s['status']:<9}{s.get('wall_time_s', 0):>8.0f} s"
+            for s in state["stages"]]
+    return "\n".join(["tether: stage wall times", *rows, f"  {'total':<32}{state.get('wall_time_s', 0):>8.0f} s"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The README's main command
+
+
+def quickstart(fast: bool = False, out: str | None = None, force: list[str] = (), sets: list[str] = ()) -> int:
+    """The shipped quickstart recipe, then the final table (from the last eval stage)."""
+    name = "quickstart-fast.yaml" if fast else "quickstart.yaml"
+    with resources.as_file(resources.files("tether.recipes") / name) as recipe:
+        r = read_recipe(recipe, sets)
+        root = Path(out or r["out"])
+        code = run(recipe, out=str(root), force=force, sets=sets)
+    if code == 0:
+        from tether.stages.evaluate import format_table
+
+        evals = [n for n, (k, _) in r["stages"].items() if k == "eval"]
+        if evals:
+            print(format_table(json.loads((root / evals[-1] / "summary.json").read_text())))
+        print(f"\nreport: {root / 'report' / 'index.html'}")
+    return code

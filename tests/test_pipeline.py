@@ -1,0 +1,115 @@
+"""`tether run`: references between stages, skipping finished stages, resuming a killed pipeline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import chat, write_jsonl
+from tether import pipeline
+from tether.errors import TetherError
+
+TESTS = Path(__file__).parent
+
+
+def tiny_recipe(tmp_path, rm_steps=200):
+    data = write_jsonl(tmp_path / "demos.jsonl", [chat(f"Say {w}.", f"{w} {w}.") for w in ("yes", "no", "maybe") * 8])
+    recipe = {
+        "name": "tiny",
+        "out": str(tmp_path / "run"),
+        "stages": {
+            "sft": {"model": {"name": "builtin:tiny", "dtype": "fp32"}, "data": {"path": str(data)},
+                    "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "report_to": "none", "save_every": 0}},
+            "label": {"model": {"name": "${sft.model}"}, "task": {"name": "test_tasks:EchoTask"},
+                      "sample": {"k": 3, "max_new_tokens": 6, "batch_size": 3, "temperature": 1.0, "top_p": 1.0}},
+            "rm": {"model": {"name": "${sft.model}", "dtype": "fp32"}, "data": {"path": "${label.train}", "eval_path": "${label.eval}"},
+                   "train": {"max_steps": rm_steps, "batch_size": 1, "lr": 1e-3, "report_to": "none", "save_every": 1,
+                             "keep_checkpoints": 1}},
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def metrics(folder):
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_in_the_rm_stage_reruns_only_what_was_not_finished(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "tether", "run", str(recipe), "--no-report"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not list((run / "rm" / "checkpoints").glob("step-*/progress.json")):  # the RM stage has taken a few steps
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the RM stage never started"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: the hard case
+    proc.wait()
+    state = {s["name"]: s for s in json.loads((run / "pipeline.json").read_text())["stages"]}
+    assert state["sft"]["status"] == "done" and state["label"]["status"] == "done" and state["rm"]["status"] == "running"
+    killed_at = max(m["step"] for m in metrics(run / "rm"))
+    assert 0 < killed_at < 200
+    stamps = {n: (run / n / "summary.json").stat().st_mtime_ns for n in ("sft", "label")}
+
+    assert pipeline.run(recipe, report=False) == 0
+    state = {s["name"]: s for s in json.loads((run / "pipeline.json").read_text())["stages"]}
+    assert state["sft"].get("skipped") and state["label"].get("skipped") and state["rm"]["status"] == "done"
+    assert {n: (run / n / "summary.json").stat().st_mtime_ns for n in ("sft", "label")} == stamps  # not redone
+    steps = [m["step"] for m in metrics(run / "rm") if "train/loss" in m]
+    assert steps == list(range(1, 201))  # resumed from its checkpoint: every step once, none twice
+    assert yaml.safe_load((run / "rm" / "config.yaml").read_text())["model"]["name"] == str(run / "sft" / "model")
+
+    # nothing changed: everything is skipped; a changed RM config reruns the RM only
+    assert pipeline.run(recipe, report=False) == 0
+    assert all(s.get("skipped") for s in json.loads((run / "pipeline.json").read_text())["stages"])
+    assert pipeline.run(recipe, report=False, sets=["rm.train.max_steps=4"]) == 0
+    state = {s["name"]: s for s in json.loads((run / "pipeline.json").read_text())["stages"]}
+    assert state["label"].get("skipped") and not state["rm"].get("skipped")
+    assert [m["step"] for m in metrics(run / "rm") if "train/loss" in m] == [1, 2, 3, 4]
+    # forcing a stage reruns it and everything that reads its outputs
+    assert pipeline.run(recipe, report=False, sets=["rm.train.max_steps=4"], force=["label"]) == 0
+    state = {s["name"]: s for s in json.loads((run / "pipeline.json").read_text())["stages"]}
+    assert state["sft"].get("skipped") and not state["label"].get("skipped") and not state["rm"].get("skipped")
+
+
+def test_references_resolve_from_summaries():
+    outputs = {"sft": {"model": "runs/x/sft/model", "_out": "runs/x/sft"},
+               "label": {"train": {"path": "runs/x/label/train.jsonl", "pairs": 3}, "_out": "runs/x/label"}}
+    tree = {"model": {"name": "${sft.model}"}, "data": {"path": "${label.train}", "note": "${label.out}/extra", "n": 3}}
+    assert pipeline.resolve(tree, outputs) == {"model": {"name": "runs/x/sft/model"},
+                                               "data": {"path": "runs/x/label/train.jsonl", "note": "runs/x/label/extra", "n": 3}}
+    with pytest.raises(TetherError, match=r"stage 'sft' has no output 'adapter'"):
+        pipeline.resolve({"x": "${sft.adapter}"}, outputs)
+
+
+@pytest.mark.parametrize("stages,message", [
+    ({"sft": {"model": {"name": "${rm.model}"}}, "rm": {}}, "refers to '\\${rm...}', which is not an earlier stage"),
+    ({"polish": {}}, "stage 'polish' has unknown kind 'polish'"),
+    ({"sft": {"train": {"lrr": 1}}}, "unknown config key 'train.lrr'; did you mean 'train.lr'"),
+    ({"sft": {"train": {"lr": "fast"}}}, "config key 'train.lr' expects float"),
+    ({}, "'stages' must be a non-empty mapping"),
+])
+def test_recipe_errors_are_caught_before_anything_runs(tmp_path, stages, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "stages": stages}, sort_keys=False))
+    with pytest.raises(TetherError, match=message):
+        pipeline.run(path, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_flags_are_checked(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    with pytest.raises(TetherError, match="--force polish: no such stage"):
+        pipeline.run(recipe, force=["polish"])
+    with pytest.raises(TetherError, match="expected STAGE.KEY=VALUE"):
+        pipeline.run(recipe, sets=["nosuch.train.lr=1"])
