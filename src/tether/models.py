@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -211,13 +212,25 @@ def load_reward_model(name: str, trust_remote_code: bool = False):
             torch.manual_seed(0)
             model = LlamaForSequenceClassification(cfg)
     else:
+        from transformers.utils import logging as hf_logging
+
         folder = smollm2_folder() if name == SMOLLM2 else _resolve(name)
+        config = Path(folder, "config.json")
+        archs = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+        has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+        level = hf_logging.get_verbosity()
+        if not has_head:  # a causal LM: the new scalar head is expected, not worth transformers' load report
+            hf_logging.set_verbosity_error()
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 folder, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError) as e:
             raise TetherError(f"cannot load '{name}' as a reward model: {e}") from None
+        finally:
+            hf_logging.set_verbosity(level)
+        if not has_head:
+            log.info("reward model from %s: a new scalar head (num_labels=1) on its backbone", name)
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id

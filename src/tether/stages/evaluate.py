@@ -46,7 +46,7 @@ from tether.models import (
 )
 from tether.rollout import generate, policy_forward, sample_batch
 from tether.runloop import Run, seed_everything
-from tether.tasks import Gold, Prompt, Task, load_task
+from tether.tasks import Gold, Prompt, Task, load_task, subset
 from tether.tasks.instruct import repetition, words
 
 log = logging.getLogger("tether")
@@ -287,7 +287,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     dtype = resolve_dtype(cfg.dtype, device)
     task = load_task(cfg.task.name)
     prompts = task.prompts("eval")
-    prompts = prompts[: cfg.task.num_eval_prompts] if cfg.task.num_eval_prompts else prompts
+    prompts = subset(prompts, cfg.task.num_eval_prompts, "eval-prompts")  # the same draw as PPO's held-out gold
     if not prompts:
         raise TetherError(f"task '{cfg.task.name}' has no held-out prompts")
     with Run(cfg.out, cfg, report_to="none") as run:

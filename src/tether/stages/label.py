@@ -29,7 +29,7 @@ from tether.config import LabelConfig
 from tether.models import autocast, default_device, load_causal_lm, load_tokenizer, resolve_dtype
 from tether.rollout import generate
 from tether.runloop import Run, seed_everything
-from tether.tasks import Prompt, load_task
+from tether.tasks import Prompt, load_task, subset
 from tether.tasks.annotators import Panel
 
 log = logging.getLogger("tether")
@@ -104,8 +104,7 @@ def run_label(cfg: LabelConfig) -> dict:
     with Run(cfg.out, cfg, resume=True, report_to="none") as run:
         for split, n in (("train", cfg.task.num_prompts), ("eval", cfg.task.num_eval_prompts)):
             prompts = task.prompts(split)
-            if n and n < len(prompts):  # a seeded sample across categories, not the file's first n
-                prompts = random.Random(f"{cfg.seed}-{split}-prompts").sample(prompts, n)
+            prompts = subset(prompts, n, f"{cfg.seed}-{split}-prompts")  # across categories, not the file's first n
             if not prompts:
                 continue
             samples = sample_split(model, tok, task, prompts, cfg, run.out / f"samples-{split}.jsonl", split)

@@ -35,7 +35,7 @@ from tether.models import (apply_lora, autocast, default_device, load_causal_lm,
                            resolve_dtype, save_pretrained, sequence_scores, token_scores)
 from tether.rollout import generate, join, policy_forward, sample_batch
 from tether.runloop import NanGuard, Run, make_scheduler, seed_everything
-from tether.tasks import load_task
+from tether.tasks import load_task, subset
 
 log = logging.getLogger("tether")
 
@@ -245,7 +245,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, t.max_steps)
     guard = NanGuard(P.max_nan_skips)
     prompts_all = task.prompts("train")
-    held_out = task.prompts("eval")[: cfg.eval_prompts]
+    held_out = subset(task.prompts("eval"), cfg.eval_prompts, "eval-prompts") if cfg.eval_prompts else []
     beta = P.kl_coef
     ref_length = 0.0  # mean response length of the first rollout: the reference point for length drift
     monitor = Monitor(cfg.monitor)

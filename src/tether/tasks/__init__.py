@@ -13,6 +13,7 @@ a Task whose `gold` calls that model.
 from __future__ import annotations
 
 import importlib
+import random
 import importlib.metadata
 from dataclasses import dataclass, field
 
@@ -35,6 +36,15 @@ class Gold:
     score: float                                         # in [0, 1]
     breakdown: dict[str, float] = field(default_factory=dict)  # check name -> pass value in [0, 1]
     penalties: dict[str, float] = field(default_factory=dict)  # degenerate-text penalties applied
+
+
+def subset(prompts: list[Prompt], n: int, seed: str) -> list[Prompt]:
+    """n prompts drawn at random (seeded) in their original order, or all when n is 0 or too large.
+    Task files are grouped by category, so their first n would test one or two kinds of prompt."""
+    if not n or n >= len(prompts):
+        return list(prompts)
+    keep = set(random.Random(seed).sample(range(len(prompts)), n))
+    return [p for i, p in enumerate(prompts) if i in keep]
 
 
 class Task:
