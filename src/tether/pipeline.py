@@ -31,6 +31,7 @@ what was not finished.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import re
@@ -52,44 +53,17 @@ log = logging.getLogger("tether")
 REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\.([A-Za-z0-9_.\-/]+)\}")
 
 
-def _sft(cfg):
-    from tether.stages import sft
+def _call(module: str, function: str, report: str | None = None) -> Callable[[Any], dict]:
+    """A stage runner that imports its stage only when it runs (and prints the stage's report, if any)."""
 
-    return sft.train(cfg)
+    def run(cfg) -> dict:
+        mod = importlib.import_module(f"tether.stages.{module}")
+        summary = getattr(mod, function)(cfg)
+        if report and summary.get("status") == "done":
+            print(getattr(mod, report)(summary), file=sys.stderr)
+        return summary
 
-
-def _label(cfg):
-    from tether.stages import label
-
-    s = label.run_label(cfg)
-    print(label.format_report(s), file=sys.stderr)
-    return s
-
-
-def _rm(cfg):
-    from tether.stages import rm
-
-    return rm.train(cfg)
-
-
-def _eval_rm(cfg):
-    from tether.stages import eval_rm
-
-    s = eval_rm.evaluate_rm(cfg)
-    print(eval_rm.format_report(s), file=sys.stderr)
-    return s
-
-
-def _ppo(cfg):
-    from tether.stages import ppo
-
-    return ppo.train(cfg)
-
-
-def _eval(cfg):
-    from tether.stages import evaluate
-
-    return evaluate.evaluate(cfg)
+    return run
 
 
 @dataclass(frozen=True)
@@ -101,12 +75,12 @@ class Kind:
 
 
 KINDS = {
-    "sft": Kind(SFTConfig, _sft, "train.out", True),
-    "label": Kind(LabelConfig, _label, "out", False),
-    "rm": Kind(RMConfig, _rm, "train.out", True),
-    "eval_rm": Kind(EvalRMConfig, _eval_rm, "out", False),
-    "ppo": Kind(PPOConfig, _ppo, "train.out", True),
-    "eval": Kind(EvalConfig, _eval, "out", False),
+    "sft": Kind(SFTConfig, _call("sft", "train"), "train.out", True),
+    "label": Kind(LabelConfig, _call("label", "run_label", "format_report"), "out", False),
+    "rm": Kind(RMConfig, _call("rm", "train"), "train.out", True),
+    "eval_rm": Kind(EvalRMConfig, _call("eval_rm", "evaluate_rm", "format_report"), "out", False),
+    "ppo": Kind(PPOConfig, _call("ppo", "train"), "train.out", True),
+    "eval": Kind(EvalConfig, _call("evaluate", "evaluate"), "out", False),
 }
 
 
