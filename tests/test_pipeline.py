@@ -113,3 +113,16 @@ def test_cli_flags_are_checked(tmp_path):
         pipeline.run(recipe, force=["polish"])
     with pytest.raises(TetherError, match="expected STAGE.KEY=VALUE"):
         pipeline.run(recipe, sets=["nosuch.train.lr=1"])
+
+
+def test_a_run_folder_is_locked_while_a_pipeline_uses_it(tmp_path):
+    import fcntl
+
+    recipe = tiny_recipe(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `tether run` holds it
+        with pytest.raises(TetherError, match="in use by another `tether run`"):
+            pipeline.run(recipe, report=False)
+    assert not (run / "sft").exists()

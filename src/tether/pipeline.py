@@ -30,6 +30,7 @@ what was not finished.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import json
@@ -169,6 +170,11 @@ def run(recipe: str | Path, out: str | None = None, force: list[str] = (), sets:
         if name not in r["stages"]:
             raise TetherError(f"--force {name}: no such stage (stages: {', '.join(r['stages'])})")
     root.mkdir(parents=True, exist_ok=True)
+    lock = open(root / ".lock", "w")  # one pipeline per run folder: two would delete each other's stages
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise TetherError(f"{root} is in use by another `tether run` (wait for it, or stop it first)") from None
     state_path = root / "pipeline.json"
     old = {s["name"]: s for s in json.loads(state_path.read_text())["stages"]} if state_path.exists() else {}
     state = {"name": r["name"], "recipe": r["recipe"], "stages": []}
