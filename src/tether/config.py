@@ -359,18 +359,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml(path: Path, what: str) -> dict:
+    """A YAML file as a dict, with one-line errors for a missing file or invalid YAML."""
+    if not path.is_file():
+        raise TetherError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TetherError(f"{path}: invalid YAML: {e}") from None
+
+
 def load_config(cls, path: str | Path | None = None, overrides: dict | None = None, sets: list[str] = ()):
     """Build a `cls` config from defaults, an optional YAML file, flag overrides and `--set` strings."""
     tree: dict = {}
     where = ""
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise TetherError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TetherError(f"{p}: invalid YAML: {e}") from None
+        tree = read_yaml(p, "config file")
         where = f" in {p}"
         _build(cls, tree, "", where)  # report file errors against the file, before overrides mix in
     for key, value in (overrides or {}).items():

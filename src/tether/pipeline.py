@@ -44,9 +44,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from tether.config import EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig, load_config, parse_override
+from tether.config import (EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig, _set_dotted, load_config,
+                           parse_override, read_yaml)
 from tether.errors import TetherError
 from tether.runloop import _atomic_write_text
 
@@ -92,12 +91,7 @@ KINDS = {
 def read_recipe(path: str | Path, sets: list[str] = ()) -> dict:
     """The recipe as {name, out, stages: {name: (kind, tree)}}, validated before anything runs."""
     p = Path(path)
-    if not p.is_file():
-        raise TetherError(f"recipe not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TetherError(f"{p}: invalid YAML: {e}") from None
+    raw = read_yaml(p, "recipe")
     unknown = set(raw) - {"name", "out", "stages", "description"}
     if unknown:
         raise TetherError(f"{p}: unknown top-level key(s) {', '.join(sorted(unknown))}; a recipe has name, out, stages")
@@ -115,11 +109,7 @@ def read_recipe(path: str | Path, sets: list[str] = ()) -> dict:
         stage, _, rest = key.partition(".")
         if stage not in stages or not rest:
             raise TetherError(f"--set {s}: expected STAGE.KEY=VALUE with STAGE one of {', '.join(stages)}")
-        node = stages[stage][1]
-        *parents, leaf = rest.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        _set_dotted(stages[stage][1], rest, value)
     names = list(stages)
     for i, (name, (kind, tree)) in enumerate(stages.items()):
         for ref_stage, _ in REF.findall(json.dumps(tree)):

@@ -32,7 +32,7 @@ from tether.losses import rl
 from tether.losses.lm import sft_loss, token_logprobs
 from tether.monitor import Monitor
 from tether.models import (apply_lora, autocast, default_device, load_causal_lm, load_reward_model, load_tokenizer,
-                           resolve_dtype, save_pretrained, sequence_scores, token_scores)
+                           resolve_dtype, save_pretrained, score_conversations, token_scores)
 from tether.rollout import generate, join, policy_forward, sample_batch
 from tether.runloop import NanGuard, Run, make_scheduler, seed_everything
 from tether.tasks import load_task, subset
@@ -167,12 +167,8 @@ class Scorer:
         score = torch.zeros(B)
         if self.rm is not None:
             convs = [p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
-            ids = [D.tokenize_scored(self.rm_tok, c, 1024) for c in convs]  # re-tokenised: any RM tokenizer
-            x = torch.full((B, max(map(len, ids))), self.rm_tok.pad_token_id)
-            for i, s in enumerate(ids):
-                x[i, : len(s)] = torch.tensor(s)
-            with autocast(self.device, self.dtype):
-                rm = sequence_scores(self.rm, x.to(self.device), torch.tensor([len(s) for s in ids])).cpu()
+            # re-tokenised with the RM's own tokenizer and template: any RM tokenizer; one batch
+            rm = score_conversations(self.rm, self.rm_tok, convs, self.device, self.dtype, batch_size=B, max_length=1024)
             score += self.cfg.model_weight * self._normalise(rm)
         gold = [self.task.gold(p, t, f).score for p, t, f in zip(prompts, texts, finished)] if self.task is not None else [float("nan")] * B
         if self.cfg.gold_weight:
