@@ -92,6 +92,36 @@ def test_references_resolve_from_summaries():
         pipeline.resolve({"x": "${sft.adapter}"}, outputs)
 
 
+def test_a_whole_reference_keeps_its_type_and_validates(tmp_path):
+    """`${eval_rm.length_slope}` feeds a float field: resolved as the number, and accepted by the
+    validation that runs before any stage."""
+    outputs = {"eval_rm": {"length_slope": 0.0125, "length_mean": 210.5, "model": "rm/model", "_out": "r/eval_rm"}}
+    tree = {"reward": {"model": "${eval_rm.model}", "length_slope": "${eval_rm.length_slope}", "length_center": "${eval_rm.length_mean}"}}
+    assert pipeline.resolve(tree, outputs) == {"reward": {"model": "rm/model", "length_slope": 0.0125, "length_center": 210.5}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": {"eval_rm": {"model": "m", "data": "d"}, "ppo": tree}}))
+    assert pipeline.read_recipe(recipe)["stages"]["ppo"][0] == "ppo"
+
+
+def test_a_recipe_extends_another(tmp_path):
+    """`extends`: the base recipe's stages come first, a stage of the same name is replaced in place,
+    and new stages follow; a missing base or a cycle is an error."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"out": "runs/base", "stages": {
+        "sft": {"train": {"max_steps": 3}}, "eval": {"models": {"sft": "${sft.model}"}}}}, sort_keys=False))
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "out": "runs/base", "stages": {
+        "sft": {"train": {"max_steps": 5}}, "dpo": {"model": {"name": "${sft.model}"}, "data": {"path": "x"}},
+        "eval_more": {"kind": "eval", "models": {"dpo": "${dpo.model}"}}}}, sort_keys=False))
+    r = pipeline.read_recipe(tmp_path / "more.yaml")
+    assert list(r["stages"]) == ["sft", "eval", "dpo", "eval_more"]
+    assert r["stages"]["sft"] == ("sft", {"train": {"max_steps": 5}}) and r["stages"]["eval_more"][0] == "eval"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"extends": "nowhere.yaml", "stages": {"sft": {}}}))
+    with pytest.raises(TetherError, match="nowhere.yaml.*does not exist"):
+        pipeline.read_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"extends": "loop.yaml", "stages": {"sft": {}}}))
+    with pytest.raises(TetherError, match="cycle"):
+        pipeline.read_recipe(tmp_path / "loop.yaml")
+
+
 @pytest.mark.parametrize("stages,message", [
     ({"sft": {"model": {"name": "${rm.model}"}}, "rm": {}}, "refers to '\\${rm...}', which is not an earlier stage"),
     ({"polish": {}}, "stage 'polish' has unknown kind 'polish'"),

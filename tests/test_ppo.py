@@ -68,6 +68,66 @@ def test_first_ratio_is_one_and_only_policy_and_critic_move(tmp_path):
         assert torch.allclose(saved(ids).logits, policy(input_ids=ids).logits, atol=1e-5)
 
 
+def test_policy_forward_reads_log_probs_and_values_off_one_pass():
+    """policy_forward runs the LM head on response positions only; its log-probs equal the full-logits
+    computation and its values equal the value head applied to the last hidden state there."""
+    from tether.rollout import policy_forward
+
+    torch.manual_seed(0)
+    model = load_causal_lm("builtin:tiny").eval()
+    batch = {"query_ids": torch.tensor([[2, 2, 504, 2683], [1, 314, 260, 77]]), "query_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]),
+             "response_ids": torch.tensor([[88, 99, 2], [120, 2, 2]]), "lengths": torch.tensor([3, 2])}
+    head = ppo.ValueHead(model.config.hidden_size)
+    with torch.no_grad():
+        logp, ent, values = policy_forward(model, batch, 0.7, with_entropy=True, value_head=head)
+        ids = torch.cat([batch["query_ids"], batch["response_ids"]], 1)
+        mask = torch.cat([batch["query_mask"], torch.tensor([[1, 1, 1], [1, 1, 0]])], 1)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        want = torch.log_softmax(out.logits[:, 3:-1] / 0.7, -1).gather(-1, batch["response_ids"][..., None])[..., 0]
+        hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, 3:-1]
+    assert torch.allclose(logp, want, atol=1e-5)
+    assert torch.allclose(values, head(hidden)[..., 0], atol=1e-6)
+    assert ent.shape == logp.shape and (ent > 0).all()
+
+
+def test_value_head_critic_trains_head_and_policy_adapter_only(tmp_path):
+    """critic_backbone=head: one forward per minibatch gives log-probs and values; the head and the
+    policy's adapter move, the base does not, and the first ratio is still exactly 1."""
+    seen = {}
+    cfg = ppo_cfg(tmp_path, **{"model.lora_r": 4, "train.max_steps": 2, "ppo.critic_backbone": "head"})
+    ppo.train(cfg, reward_fn=lowercase_share, on_step=lambda it, run, modules: seen.setdefault(it, {
+        n: p.detach().clone() for n, p in modules.named_parameters()}) and seen.update(modules=modules))
+    ms = [x for x in metrics(tmp_path / "ppo") if "policy/ratio_first_mb" in x]
+    assert ms[0]["policy/ratio_first_mb"] == pytest.approx(1.0, abs=1e-5)
+    assert all("loss/value" in m and "val/explained_variance" in m for m in ms)
+    critic = seen["modules"]["critic"]
+    assert isinstance(critic, ppo.ValueHead) and sorted(n for n, _ in critic.named_parameters()) == ["head.bias", "head.weight"]
+    first, second = seen[1], seen[2]
+    assert not torch.equal(first["critic.head.weight"], second["critic.head.weight"])
+    assert any("lora_B" in n and not torch.equal(first[n], second[n]) for n in first)
+    assert all(torch.equal(first[n], second[n]) for n in first if "lora_" not in n and "critic." not in n)
+    assert all(".critic." not in n for n in first)  # no second adapter
+
+
+def test_length_debiased_reward_subtracts_the_linear_length_term(tmp_path):
+    """reward.length_slope: the RM's score minus slope * (characters - center), before normalising."""
+    from tether.models import load_reward_model, save_pretrained
+
+    rm, rtok = load_reward_model("builtin:tiny")
+    save_pretrained(rm, rtok, tmp_path / "rm")
+    prompts = [Prompt(str(i), [{"role": "user", "content": "Say hi."}], {}) for i in range(3)]
+    texts = ["hi", "hello there", "hello there, how are you today?"]
+    plain = ppo.Scorer(ppo_cfg(tmp_path, **{"reward.model": str(tmp_path / "rm" / "model"), "reward.normalize": "none"}),
+                       None, "cpu", torch.float32)
+    debiased = ppo.Scorer(ppo_cfg(tmp_path, **{"reward.model": str(tmp_path / "rm" / "model"), "reward.normalize": "none",
+                                                "reward.length_slope": 0.05, "reward.length_center": 10.0}), None, "cpu", torch.float32)
+    a, _ = plain(prompts, texts, [True] * 3)
+    b, _ = debiased(prompts, texts, [True] * 3)
+    want = a - 0.05 * (torch.tensor([2.0, 11.0, 31.0]) - 10.0)
+    assert torch.allclose(b, want, atol=1e-5)
+
+
 def test_separate_critic_with_lora_has_its_own_copy(tmp_path):
     seen = {}
     cfg = ppo_cfg(tmp_path, **{"model.lora_r": 4, "train.max_steps": 1, "ppo.critic_backbone": "separate"})
@@ -168,11 +228,13 @@ def test_algorithms_raise_a_simple_reward(tmp_path, word_policy, algo, group):
     assert last > first + 0.15, scores
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])  # full fine-tuning (separate critic), LoRA (shared-base critic)
-def test_interrupt_and_resume_equals_straight_run(tmp_path, lora_r):
+# full fine-tuning (separate critic), LoRA (shared-base critic), LoRA with a value head on the policy
+@pytest.mark.parametrize("lora_r,backbone", [(0, "auto"), (4, "auto"), (4, "head")])
+def test_interrupt_and_resume_equals_straight_run(tmp_path, lora_r, backbone):
     from safetensors.torch import load_file
 
-    flags = {"train.max_steps": 3, "model.lora_r": lora_r, "ppo.grad_accum": 2, "ppo.minibatch_size": 3}
+    flags = {"train.max_steps": 3, "model.lora_r": lora_r, "ppo.grad_accum": 2, "ppo.minibatch_size": 3,
+             "ppo.critic_backbone": backbone}
     ppo.train(ppo_cfg(tmp_path, "straight", **flags), reward_fn=lowercase_share)
 
     def interrupt(it, run, modules):

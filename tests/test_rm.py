@@ -52,6 +52,13 @@ def test_noisy_labels_accuracy_reaches_bayes_ceiling(tmp_path):
     assert report["bayes_ceiling"] == pytest.approx(1 - flip)          # expected ceiling from the label model
     assert report["accuracy_vs_labels"] == pytest.approx(s["eval/accuracy"], abs=1e-6)
     assert 0 <= report["ece"] <= 1
+    assert report["length_mean"] > 0 and (report["length_slope"] > 0) == (report["length_correlation"] > 0)
+
+
+def test_least_squares_by_hand():
+    assert eval_rm.least_squares([0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 5.0, 7.0]) == pytest.approx((2.0, 1.0))
+    assert eval_rm.least_squares([1.0, 2.0, 3.0], [2.0, 0.0, 4.0]) == pytest.approx((1.0, 0.0))  # sxy = 2, sxx = 2
+    assert eval_rm.least_squares([5.0, 5.0], [1.0, 3.0]) == (0.0, 2.0)  # no spread in x: flat line
 
 
 def test_k_wise_batch_equals_pairwise_loop(tok):

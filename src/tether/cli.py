@@ -33,7 +33,7 @@ SWITCHES = {  # store_true flags -> config key
 }
 
 
-def _stage_parser(sub, name: str, cls, help_: str) -> None:
+def _stage_parser(sub, name: str, cls, help_: str) -> argparse.ArgumentParser:
     from tether.config import config_keys
 
     keys = set(config_keys(cls))
@@ -55,10 +55,11 @@ def _stage_parser(sub, name: str, cls, help_: str) -> None:
         p.get_default("flag_keys")["merge"] = "model.merge"
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.warmup_steps=10 (repeatable)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tether.config import EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig
+    from tether.config import DirectConfig, EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig
 
     parser = argparse.ArgumentParser(prog="tether", description="RLHF on one machine: SFT, reward models, PPO, DPO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "eval-rm", EvalRMConfig, "reward model accuracy (labels, gold), Bayes ceiling, calibration, length bias")
     _stage_parser(sub, "ppo", PPOConfig, "RL against a reward model or function: PPO, GRPO, RLOO (--set ppo.algo=...)")
     _stage_parser(sub, "eval", EvalConfig, "models side by side on held-out prompts: gold, checks, RM score, KL, length, win rate")
+    # the direct methods share one config (section `direct`); the command sets direct.method
+    dpo = _stage_parser(sub, "dpo", DirectConfig, "direct preference optimisation on pairs (DPO, IPO, hinge, robust, cDPO, SimPO)")
+    dpo.add_argument("--loss", choices=("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo"), default=None,
+                     help="direct.loss_type (default sigmoid = DPO; simpo needs no reference model)")
+    dpo.get_default("flag_keys")["loss"] = "direct.loss_type"
+    kto = _stage_parser(sub, "kto", DirectConfig, "KTO on unpaired desirable/undesirable examples (or pairs, unpaired)")
+    _stage_parser(sub, "orpo", DirectConfig, "ORPO on pairs: SFT on chosen + odds-ratio loss, no reference model")
+    for p in (dpo, kto):
+        p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=None,
+                       help="reference log-probs once before training, cached in OUT (default on)")
+        p.get_default("flag_keys")["precompute_ref"] = "direct.precompute_ref"
     p = sub.add_parser("run", help="run a pipeline recipe (stages sft, label, rm, ppo, eval, ...); finished stages are skipped")
     p.add_argument("recipe", help="pipeline recipe YAML (see src/tether/recipes/quickstart.yaml)")
     p.add_argument("--out", default=None, help="run folder (default: the recipe's `out`)")
@@ -104,6 +116,8 @@ def _run_stage(args) -> int:
     from tether.config import load_config
 
     overrides = {key: getattr(args, flag) for flag, key in args.flag_keys.items()}
+    if args.command in ("kto", "orpo") and args.out is None and args.config is None:
+        overrides["train.out"] = f"runs/{args.command}"  # DirectConfig's default out is runs/dpo
     cfg = load_config(args.config_cls, args.config, overrides, args.sets)
     if args.command == "sft":
         from tether.stages import sft
@@ -130,6 +144,14 @@ def _run_stage(args) -> int:
         if s["status"] == "done":
             print(f"tether: done. policy: {s['model']}  held-out gold {s['eval/gold_initial']:.3f} -> {s['eval/gold']:.3f}  "
                   f"({s['wall_time_s']:.0f} s)")
+    elif args.command in ("dpo", "kto", "orpo"):
+        from tether.stages import direct
+
+        s = direct.train(direct.with_method(cfg, args.command))
+        if s["status"] == "done":
+            acc = (f"  eval reward accuracy {s['eval/rewards/accuracies_initial']:.3f} -> {s['eval/rewards/accuracies']:.3f}"
+                   if "eval/rewards/accuracies" in s else "")
+            print(f"tether: done. model: {s['model']}{acc}  ({s['wall_time_s']:.0f} s)")
     elif args.command == "eval":
         from tether.stages import evaluate
 

@@ -157,6 +157,10 @@ class RewardConfig:
     clip: float = 0.0  # clip the (normalised) score to [-clip, clip]; 0 = off
     missing_eos_penalty: float = -1.0  # score of a truncated response (no EOS) ...
     score_truncated: bool = False  # ... unless truncated responses are scored like the others
+    # length-debiased reward model: r - length_slope * (characters - length_center), before normalising;
+    # eval-rm measures both on held-out responses (summary keys length_slope, length_mean)
+    length_slope: float = 0.0
+    length_center: float = 0.0
 
 
 @dataclass
@@ -192,8 +196,10 @@ class PPOHyper:
     critic_warmup_steps: int = 0  # iterations that train only the critic
     grpo_scale_std: bool = True  # False = Dr. GRPO (no division by the group's std)
     critic_init: str = _choice("reward", ("reward", "policy"), "critic from the reward model (Huang et al. 2024) or the policy")
-    critic_backbone: str = _choice("auto", ("auto", "shared", "separate"),
+    critic_backbone: str = _choice("auto", ("auto", "shared", "separate", "head"),
                                    "shared: the critic is its own LoRA adapter on the policy's base (no second model); "
+                                   "head: a value head on the policy's last hidden state (one forward for both, half "
+                                   "the training compute; the value loss also moves the policy); "
                                    "auto: shared with LoRA unless the critic starts from a reward model's weights")
     ptx_coef: float = 0.0  # PPO-ptx: LM loss on ptx_data mixed in (InstructGPT)
     ptx_data: str = "builtin:demos"
@@ -254,6 +260,34 @@ class EvalConfig:
     out: str = "runs/eval"
     seed: int = 0
     dtype: str = _choice("auto", ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class DirectHyper:
+    """Direct preference methods (tether dpo / kto / orpo); the formulas are in tether.losses.preference."""
+    method: str = _choice("dpo", ("dpo", "kto", "orpo"), "set by the command (tether dpo|kto|orpo) or the recipe's kind")
+    loss_type: str = _choice("sigmoid", ("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo"),
+                             "tether dpo only; simpo is reference-free")
+    beta: float | None = None  # None = the paper's default: 0.1 (DPO family, IPO, KTO), 2.0 (SimPO); unused by ORPO
+    label_smoothing: float = 0.0  # eps, the assumed label-flip rate: cdpo and robust need it > 0; also sigmoid, simpo
+    gamma: float = 0.5  # SimPO's target margin, in reward units (beta * per-token log-prob), not divided by beta
+    lam: float = 0.1  # ORPO: weight of the odds-ratio term next to the SFT loss on chosen
+    desirable_weight: float = 1.0  # KTO: keep w_D * n_desirable / (w_U * n_undesirable) in [1, 4/3] (the paper)
+    undesirable_weight: float = 1.0
+    precompute_ref: bool = True  # reference log-probs once before training, cached in OUT/ref_logps.safetensors
+    ref_model: str = ""  # "" = model.name (with LoRA: the same model with its adapter disabled)
+    soft_labels: bool = False  # sigmoid/cdpo: train on p_chosen (the annotators' vote share) when the data has it
+
+
+@dataclass
+class DirectConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="", max_length=512))
+    # full fine-tuning wants a small lr (DPO paper: 5e-7 at batch 64; 1e-6..5e-6 for a 135M model);
+    # with LoRA raise it to ~5e-5..1e-4
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/dpo", lr=1e-6, batch_size=4, grad_accum=2,
+                                                                   warmup_steps=2))
+    direct: DirectHyper = field(default_factory=DirectHyper)
 
 
 def config_keys(cls) -> list[str]:

@@ -255,6 +255,36 @@ def normalise_preferences(rows: Rows) -> list[dict]:
     return out
 
 
+def normalise_unpaired(rows: Rows) -> list[dict]:
+    """Validate unpaired (KTO) rows; return {'prompt', 'completion'} as message lists, 'label' (bool:
+    is the completion desirable) and the source row number.
+
+    Unpaired rows: 'prompt' (string or messages), 'completion' (string or messages), 'label' (true or
+    false). Pairwise preference rows (chosen/rejected, as `normalise_preferences` reads them) are
+    unpaired instead: the chosen response becomes a desirable example, the rejected one an
+    undesirable example of the same prompt.
+    """
+    if "chosen" in rows.rows[0] or "rejected" in rows.rows[0]:
+        out = []
+        for p in normalise_preferences(rows):
+            out.append({"prompt": p["prompt"], "completion": p["chosen"], "label": True, "row": p["row"]})
+            out.append({"prompt": p["prompt"], "completion": p["rejected"], "label": False, "row": p["row"]})
+        return out
+    out = []
+    for i, r in enumerate(rows.rows):
+        for k in ("prompt", "completion", "label"):
+            if k not in r:
+                raise TetherError(f"{rows.where(i, k)}: missing column (unpaired data needs 'prompt', 'completion' and "
+                                  "'label'; pairwise data needs 'chosen' and 'rejected')")
+        p = r["prompt"]
+        prompt = _messages(p, rows, i, "prompt", need_assistant=False) if isinstance(p, list) else [{"role": "user", "content": _text(p, rows, i, "prompt")}]
+        completion = _side(r["completion"], rows, i, "completion")
+        if not isinstance(r["label"], bool):
+            raise TetherError(f"{rows.where(i, 'label')}: must be true or false (is the completion desirable?), got {r['label']!r}")
+        out.append({"prompt": prompt, "completion": completion, "label": r["label"], "row": rows.numbers[i]})
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Tokenisation with the assistant-only loss mask
 
@@ -267,12 +297,14 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> st
     return text
 
 
-def tokenize_sft(tok, example: dict) -> dict:
+def tokenize_sft(tok, example: dict, first_trained: int = 0) -> dict:
     """Token ids and a loss mask that is 1 exactly on assistant tokens (content and closing EOS).
 
     The chat template is rendered once; each assistant turn's character span is found by rendering
     the conversation up to that turn, and tokens are mapped to spans through the offset mapping, so
     the mask is exact whatever the template looks like (as long as it renders prefixes stably).
+    Assistant turns before message `first_trained` are context, not targets (a preference example's
+    prompt may hold earlier assistant turns; only its completion is scored).
     """
     if "text" in example:
         ids = tok(example["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -281,7 +313,7 @@ def tokenize_sft(tok, example: dict) -> dict:
     full = render(tok, msgs)
     spans = []
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first_trained:
             continue
         before = render(tok, msgs[:i], add_generation_prompt=True) if i else ""
         upto = render(tok, msgs[: i + 1])

@@ -44,8 +44,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from tether.config import (EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig, _set_dotted, load_config,
-                           parse_override, read_yaml)
+from tether.config import (DirectConfig, EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig, _set_dotted,
+                           load_config, parse_override, read_yaml)
 from tether.errors import TetherError
 from tether.runloop import _atomic_write_text
 
@@ -66,6 +66,17 @@ def _call(module: str, function: str, report: str | None = None) -> Callable[[An
     return run
 
 
+def _direct(method: str) -> Callable[[Any], dict]:
+    """dpo, kto and orpo share one config and one trainer; the kind sets direct.method."""
+
+    def run(cfg) -> dict:
+        from tether.stages import direct
+
+        return direct.train(direct.with_method(cfg, method))
+
+    return run
+
+
 @dataclass(frozen=True)
 class Kind:
     config: type
@@ -80,6 +91,9 @@ KINDS = {
     "rm": Kind(RMConfig, _call("rm", "train"), "train.out", True),
     "eval_rm": Kind(EvalRMConfig, _call("eval_rm", "evaluate_rm", "format_report"), "out", False),
     "ppo": Kind(PPOConfig, _call("ppo", "train"), "train.out", True),
+    "dpo": Kind(DirectConfig, _direct("dpo"), "train.out", True),  # direct.loss_type: sigmoid, ipo, ..., simpo
+    "kto": Kind(DirectConfig, _direct("kto"), "train.out", True),
+    "orpo": Kind(DirectConfig, _direct("orpo"), "train.out", True),
     "eval": Kind(EvalConfig, _call("evaluate", "evaluate"), "out", False),
 }
 
@@ -88,17 +102,33 @@ KINDS = {
 # Recipes
 
 
+def _stage_trees(p: Path, seen: tuple = ()) -> tuple[dict, dict]:
+    """(raw recipe, its stages in order): `extends: other.yaml` (relative to this recipe) puts the
+    other recipe's stages first; a stage of the same name here replaces the inherited one in place."""
+    if p.resolve() in seen:
+        raise TetherError(f"{p}: recipes extend each other in a cycle ({' -> '.join(str(x) for x in seen)})")
+    raw = read_yaml(p, "recipe")
+    unknown = set(raw) - {"name", "out", "stages", "description", "extends"}
+    if unknown:
+        raise TetherError(f"{p}: unknown top-level key(s) {', '.join(sorted(unknown))}; a recipe has name, out, extends, stages")
+    if not isinstance(raw.get("stages"), dict) or not raw["stages"]:
+        raise TetherError(f"{p}: 'stages' must be a non-empty mapping of stage name -> config")
+    trees: dict = {}
+    if raw.get("extends"):
+        base = p.parent / str(raw["extends"])
+        if not base.is_file():
+            raise TetherError(f"{p}: extends '{raw['extends']}', but {base} does not exist")
+        trees = dict(_stage_trees(base, seen + (p.resolve(),))[1])
+    trees.update(raw["stages"])
+    return raw, trees
+
+
 def read_recipe(path: str | Path, sets: list[str] = ()) -> dict:
     """The recipe as {name, out, stages: {name: (kind, tree)}}, validated before anything runs."""
     p = Path(path)
-    raw = read_yaml(p, "recipe")
-    unknown = set(raw) - {"name", "out", "stages", "description"}
-    if unknown:
-        raise TetherError(f"{p}: unknown top-level key(s) {', '.join(sorted(unknown))}; a recipe has name, out, stages")
-    if not isinstance(raw.get("stages"), dict) or not raw["stages"]:
-        raise TetherError(f"{p}: 'stages' must be a non-empty mapping of stage name -> config")
+    raw, trees = _stage_trees(p)
     stages: dict[str, tuple[str, dict]] = {}
-    for name, tree in raw["stages"].items():
+    for name, tree in trees.items():
         tree = dict(tree or {})
         kind = tree.pop("kind", name)
         if kind not in KINDS:
@@ -120,11 +150,15 @@ def read_recipe(path: str | Path, sets: list[str] = ()) -> dict:
 
 
 def _placeholder(tree):
-    """The tree with references replaced by a dummy string, for validation before the stages ran."""
-    return json.loads(REF.sub("REF", json.dumps(tree)))
+    """The tree with references replaced by dummies, for validation before the stages ran: a value that
+    is one whole reference becomes 0 (it may be a number, e.g. `${eval_rm.length_slope}`), a reference
+    inside a longer string becomes 'REF'."""
+    whole = re.compile(r'"\$\{[A-Za-z0-9_\-]+\.[A-Za-z0-9_.\-/]+\}"')
+    return json.loads(REF.sub("REF", whole.sub("0", json.dumps(tree))))
 
 
-def _lookup(stage: str, key: str, outputs: dict[str, dict]) -> str:
+def _lookup(stage: str, key: str, outputs: dict[str, dict]) -> Any:
+    """The value of `key` in an earlier stage's summary (a {'path': ...} entry gives its path)."""
     s = outputs[stage]
     if key == "out":
         return s["_out"]
@@ -135,17 +169,22 @@ def _lookup(stage: str, key: str, outputs: dict[str, dict]) -> str:
         node = node[part]
     if isinstance(node, dict) and "path" in node:
         node = node["path"]
-    return str(node)
+    return node
 
 
 def resolve(tree, outputs: dict[str, dict]):
-    """Substitute ${stage.key} in every string of a config tree."""
+    """Substitute ${stage.key} in every string of a config tree; a string that is one whole reference
+    takes the value itself, so numbers stay numbers."""
     if isinstance(tree, dict):
         return {k: resolve(v, outputs) for k, v in tree.items()}
     if isinstance(tree, list):
         return [resolve(v, outputs) for v in tree]
     if isinstance(tree, str):
-        return REF.sub(lambda m: _lookup(m.group(1), m.group(2), outputs), tree)
+        whole = REF.fullmatch(tree)
+        if whole:
+            value = _lookup(whole.group(1), whole.group(2), outputs)
+            return value if isinstance(value, (int, float, bool)) else str(value)
+        return REF.sub(lambda m: str(_lookup(m.group(1), m.group(2), outputs)), tree)
     return tree
 
 

@@ -113,12 +113,30 @@ def join(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def policy_forward(model, batch: dict, temperature: float, with_entropy: bool = False):
-    """Per-token log pi(y_t | x, y_<t) of the response tokens (B, T), at the sampling temperature."""
+def _trunk(model):
+    """(backbone, lm_head) of a causal LM, through a peft wrapper if there is one: calling the backbone
+    still runs the active LoRA adapters (and `disable_adapter()` still turns them off)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings(), base.config
+
+
+def policy_forward(model, batch: dict, temperature: float, with_entropy: bool = False, value_head=None):
+    """Per-token log pi(y_t | x, y_<t) of the response tokens (B, T) at the sampling temperature, the
+    entropy (with_entropy) and, with `value_head`, the values V(x, y_<t) read from the same forward
+    (a value head on the policy's last hidden state): returns (logp, entropy or None, values or None).
+
+    The LM head runs only on the positions that predict response tokens: the query's logits are never
+    needed, and with a 49k vocabulary the head is a large share of a small model's compute."""
     ids, mask, pos = join(batch)
     Q = batch["query_ids"].shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-    logits = logits[:, Q - 1 : -1].float() / temperature
+    backbone, lm_head, config = _trunk(model)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state[:, Q - 1 : -1]
+    logits = lm_head(hidden).float()
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 caps its logits; the head alone would not
+        logits = torch.tanh(logits / cap) * cap
+    logits = logits / temperature
     targets = batch["response_ids"]
     logp = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
-    return logp, (entropy_from_logits(logits) if with_entropy else None)
+    values = value_head(hidden).squeeze(-1).float() if value_head is not None else None
+    return logp, (entropy_from_logits(logits) if with_entropy else None), values

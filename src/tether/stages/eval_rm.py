@@ -41,6 +41,15 @@ def expected_calibration_error(prob_chosen: list[float], bins: int = 10) -> floa
     return sum(k / n * abs(acc / k - conf / k) for k, acc, conf in sums if k)
 
 
+def least_squares(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Slope and intercept of the least-squares line y = a x + b."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx if sxx else 0.0
+    return slope, my - slope * mx
+
+
 def pearson(x: list[float], y: list[float]) -> float:
     n = len(x)
     if n < 2:
@@ -115,6 +124,10 @@ def evaluate_rm(cfg: EvalRMConfig) -> dict:
                 rewards.append(s)
                 lengths.append(len(text))
     out["length_correlation"] = pearson(rewards, lengths)
+    # the linear length component of the reward, for a length-debiased reward in PPO:
+    # r'(y) = r(y) - length_slope * (chars(y) - length_mean)   (reward.length_slope / length_center)
+    out["length_slope"], _ = least_squares([float(n) for n in lengths], rewards)
+    out["length_mean"] = sum(lengths) / len(lengths)
     out["reward_mean"] = sum(rewards) / len(rewards)
     out["reward_std"] = math.sqrt(sum((x - out["reward_mean"]) ** 2 for x in rewards) / max(1, len(rewards) - 1))
 
@@ -129,8 +142,9 @@ def format_report(s: dict) -> str:
     lines = [f"reward model {s['model']} on {s['pairs']} held-out pairs"]
     for key, label in (("accuracy_vs_labels", "accuracy vs annotator labels"), ("bayes_ceiling", "Bayes ceiling of those labels"),
                        ("accuracy_vs_gold", "accuracy vs gold ordering"), ("ece", "calibration error (ECE)"),
-                       ("length_correlation", "corr(reward, length)")):
+                       ("length_correlation", "corr(reward, length)"), ("length_slope", "reward per 100 characters")):
         if key in s:
             extra = f"  ({s['gold_pairs']} pairs with different gold)" if key == "accuracy_vs_gold" else ""
-            lines.append(f"  {label:<32}{s[key]:>8.3f}{extra}")
+            value = s[key] * (100 if key == "length_slope" else 1)
+            lines.append(f"  {label:<32}{value:>8.3f}{extra}")
     return "\n".join(lines)

@@ -189,7 +189,7 @@ def response_logprob(model, batch: dict, batch_size: int, device, dtype) -> torc
     for i in range(0, len(batch["lengths"]), batch_size):
         mb = {k: batch[k][i : i + batch_size] for k in ("query_ids", "query_mask", "response_ids", "lengths")}
         with autocast(device, dtype):
-            logp, _ = policy_forward(model, mb, 1.0)
+            logp, _, _ = policy_forward(model, mb, 1.0)
         out.append((logp.float() * batch["mask"][i : i + batch_size]).sum(1).cpu())
     return torch.cat(out)
 

@@ -45,7 +45,8 @@ log = logging.getLogger("tether")
 
 
 def critic_forward(critic, batch: dict) -> torch.Tensor:
-    """V(x, y_<t) for each response token t (B, T): the head at the position before the token."""
+    """V(x, y_<t) for each response token t (B, T): the head at the position before the token.
+    (A ValueHead critic has no forward of its own: policy_forward reads it off the policy's pass.)"""
     ids, mask, pos = join(batch)
     Q = batch["query_ids"].shape[1]
     return critic(ids, mask, pos)[:, Q - 1 : -1]
@@ -97,6 +98,22 @@ class SharedCritic(torch.nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
+class ValueHead(torch.nn.Module):
+    """The critic as a scalar head on the policy's own last hidden state (Ziegler et al. 2019's
+    shared-trunk variant; TRL's former AutoModelForCausalLMWithValueHead): values come out of the
+    policy's forward pass, so a PPO minibatch costs one forward and one backward instead of two of
+    each. The value loss (times vf_coef) also trains the policy's weights; that coupling is the price."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+
 def _same_vocab(rm_tok, tok) -> bool:
     """True when token ids mean the same in both; a pad token the reward tokenizer added does not count."""
     a, b = rm_tok.get_vocab(), tok.get_vocab()
@@ -122,6 +139,11 @@ def make_critic(cfg: PPOConfig, policy, tok, rm_tok=None):
         log.warning("the reward model's tokenizer differs from the policy's: the critic starts from the policy instead")
         from_rm = False
     mode = P.critic_backbone
+    if mode == "head":
+        if from_rm:
+            log.warning("critic_backbone=head: the value head starts fresh on the policy's trunk, not from the reward model")
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        return ValueHead(base.config.hidden_size)
     if mode == "auto":
         mode = "shared" if M.lora_r > 0 and not from_rm else "separate"
     if mode == "shared":
@@ -169,6 +191,8 @@ class Scorer:
             convs = [p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
             # re-tokenised with the RM's own tokenizer and template: any RM tokenizer; one batch
             rm = score_conversations(self.rm, self.rm_tok, convs, self.device, self.dtype, batch_size=B, max_length=1024)
+            if self.cfg.length_slope:  # a length-debiased RM: its linear length component taken out
+                rm = rm - self.cfg.length_slope * (torch.tensor([float(len(t)) for t in texts]) - self.cfg.length_center)
             score += self.cfg.model_weight * self._normalise(rm)
         gold = [self.task.gold(p, t, f).score for p, t, f in zip(prompts, texts, finished)] if self.task is not None else [float("nan")] * B
         if self.cfg.gold_weight:
@@ -270,14 +294,17 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             lengths, mask = batch["lengths"], batch["mask"]
             # ---- 2. old log-probs, reference log-probs, values (no autograd) --------------------
             t0 = time.time()
+            head = critic if isinstance(critic, ValueHead) else None
             with torch.no_grad(), autocast(device, dtype):
-                old_logp, _ = policy_forward(policy, batch, R.temperature)
+                old_logp, _, old_values = policy_forward(policy, batch, R.temperature, value_head=head)
                 if ref is None:
                     with policy.disable_adapter():
-                        ref_logp, _ = policy_forward(policy, batch, R.temperature)
+                        ref_logp, _, _ = policy_forward(policy, batch, R.temperature)
                 else:
-                    ref_logp, _ = policy_forward(ref, batch, R.temperature)
-                old_values = critic_forward(critic, batch).float() * mask if critic is not None else None
+                    ref_logp, _, _ = policy_forward(ref, batch, R.temperature)
+                if critic is not None and head is None:
+                    old_values = critic_forward(critic, batch)
+            old_values = old_values.float() * mask if old_values is not None else None
             old_logp, ref_logp = old_logp * mask, ref_logp * mask
             timings["time/forward"] = time.time() - t0
             # ---- 3. score -----------------------------------------------------------------------
@@ -398,6 +425,7 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
     keys = ("query_ids", "query_mask", "response_ids", "lengths", "mask")
     acc: dict[str, list] = {}
     first_ratio = None
+    head = critic if isinstance(critic, ValueHead) else None  # values from the policy's own forward
     optimizer.zero_grad(set_to_none=True)
     for epoch in range(P.epochs):
         n_mb = 0
@@ -407,7 +435,7 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
             mb = {k: batch[k][idx] for k in keys}
             m = mask[idx]
             with autocast(device, dtype):
-                logp, ent = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy=True)
+                logp, ent, values = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy=True, value_head=head)
             pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx], adv[idx], m, P.clip, P.dual_clip or None)
             if first_ratio is None:
                 first_ratio = s["ratio_mean"]
@@ -415,9 +443,10 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
             if not P.kl_in_reward or P.algo == "grpo":  # KL as a loss term (k3, as in GRPO)
                 loss = loss + beta * rl.masked_mean(rl.kl_estimate(logp, ref_logp[idx], "k3"), m)
             if critic is not None:
-                with autocast(device, dtype):
-                    values = critic_forward(critic, mb).float()
-                vf_loss, vf_clipfrac = rl.ppo_value_loss(values, old_values[idx], returns[idx], m, P.vf_clip)
+                if head is None:
+                    with autocast(device, dtype):
+                        values = critic_forward(critic, mb)
+                vf_loss, vf_clipfrac = rl.ppo_value_loss(values.float(), old_values[idx], returns[idx], m, P.vf_clip)
                 loss = loss + P.vf_coef * vf_loss
                 acc.setdefault("loss/value", []).append(vf_loss.item())
                 acc.setdefault("val/clipfrac", []).append(vf_clipfrac)
