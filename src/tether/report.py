@@ -35,6 +35,11 @@ CURVES = {  # kind -> panels (title, y label, metric keys); other kinds get DEFA
             ("response length", "tokens", ["response/length_mean"]), ("policy approx. KL", "approx KL", ["policy/approxkl"]),
             ("value loss", "loss", ["loss/value"]), ("KL coefficient", "beta", ["kl/beta"])],
 }
+CURVES |= {kind: [("loss", "loss", ["train/loss", "eval/loss"]),  # the direct methods (tether dpo / kto / orpo)
+                   ("implicit reward accuracy", "share of pairs with r_c > r_r", ["rewards/accuracies", "eval/rewards/accuracies"]),
+                   ("implicit rewards", "reward", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+                   ("log-probs", "nats / response", ["logps/chosen", "logps/rejected"])]
+             for kind in ("dpo", "kto", "orpo")}
 DEFAULT_CURVES = [("loss", "loss", ["train/loss", "eval/loss"]), ("accuracy", "accuracy", ["train/accuracy", "eval/accuracy"]),
                   ("learning rate", "lr", ["train/lr"])]
 SHOW_IF_CHANGING = {"train/lr", "kl/beta"}  # schedules: a panel only when they change
