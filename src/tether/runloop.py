@@ -327,18 +327,21 @@ def micro_batch(items: list, k: int, batch_size: int, seed: int) -> list:
 
 
 def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, start_step: int = 0,
-        eval_fn=None, on_step=None, guard: NanGuard | None = None, desc: str = "train") -> tuple[str, int]:
-    """Optimizer steps from `start_step` to `total_steps`.
+        eval_fn=None, on_step=None, guard: NanGuard | None = None, desc: str = "train") -> tuple[str, int, dict]:
+    """Optimizer steps from `start_step` to `total_steps`, between two evaluations.
 
     step_fn(step) runs forward and backward over the step's micro-batches and returns
     (loss, metrics, n_tokens); a non-finite loss means "do not step". This loop owns what every
     trainer needs around that: NaN guard, gradient clipping, the LR schedule, metrics and the progress
     bar, periodic evaluation (eval_fn() -> metrics), the `on_step(step, run, model)` hook, periodic
-    and on-signal checkpoints. Returns ('done' | 'interrupted', last step).
+    and on-signal checkpoints. A fresh run is evaluated before its first step; a finished one after its
+    last, and its final checkpoint is saved. Returns ('done' | 'interrupted', last step, final eval metrics).
     """
     from tqdm.auto import tqdm
 
     guard = guard or NanGuard(t.max_nan_skips)
+    if start_step == 0 and eval_fn is not None:
+        run.log(0, eval_fn())
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
@@ -376,4 +379,10 @@ def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, sta
                 break
     finally:
         bar.close()
-    return status, step
+    if status == "interrupted":
+        return status, step, {}
+    final = eval_fn() if eval_fn is not None else {}
+    if final:
+        run.log(step, final)
+    run.save_checkpoint(step, model, optimizer, scheduler, {"nan_skipped": guard.total}, t.keep_checkpoints)
+    return status, step, final

@@ -445,15 +445,9 @@ def train(cfg: DirectConfig, on_step=None) -> dict:
                  "none" if reference_free(d) else (d.ref_model or cfg.model.name) + (" (adapter off)" if cfg.model.lora_r and not d.ref_model else ""),
                  str(dtype).replace("torch.", ""), sum(p.numel() for p in model.parameters() if p.requires_grad))
         eval_fn = (lambda: evaluate(cfg, model, ref, eval_set, pad_id, device, dtype)) if eval_set else None
-        if start == 0 and eval_fn:
-            run.log(0, eval_fn())
-        status, step = fit(run, t, model, optimizer, scheduler, step_fn, total_steps, start, eval_fn, on_step, guard, desc=d.method)
+        status, step, final = fit(run, t, model, optimizer, scheduler, step_fn, total_steps, start, eval_fn, on_step, guard, desc=d.method)
         if status == "interrupted":
             return {"status": status, "step": step}
-        final = eval_fn() if eval_fn else {}
-        if final:
-            run.log(step, final)
-        run.save_checkpoint(step, model, optimizer, scheduler, {"nan_skipped": guard.total}, t.keep_checkpoints)
         model_dir = save_pretrained(model, tok, run.out, merge=cfg.model.merge)
         rows = run.read_metrics()
         last = next((m for m in reversed(rows) if "train/loss" in m), {})

@@ -118,15 +118,9 @@ def train(cfg: RMConfig, on_step=None) -> dict:
                  len(train_groups), len(eval_groups), sum(len(g["pairs"]) for g in train_groups),
                  sum(len(g["pairs"]) for g in eval_groups), total_steps, str(dtype).replace("torch.", ""))
         eval_fn = (lambda: evaluate(model, eval_groups, cfg, pad_id, device, dtype)) if eval_groups else None
-        if start == 0 and eval_fn:
-            run.log(0, eval_fn())
-        status, step = fit(run, t, model, optimizer, scheduler, step_fn, total_steps, start, eval_fn, on_step, guard, desc="rm")
+        status, step, final = fit(run, t, model, optimizer, scheduler, step_fn, total_steps, start, eval_fn, on_step, guard, desc="rm")
         if status == "interrupted":
             return {"status": status, "step": step}
-        final = eval_fn() if eval_fn else {}
-        if final:
-            run.log(step, final)
-        run.save_checkpoint(step, model, optimizer, scheduler, {"nan_skipped": guard.total}, t.keep_checkpoints)
         mean, std = reward_statistics(model, train_groups, cfg, pad_id, device, dtype)
         model.config.tether_reward_mean, model.config.tether_reward_std = mean, std
         model_dir = save_pretrained(model, tok, run.out, merge=cfg.model.merge)

@@ -100,17 +100,11 @@ def train(cfg: SFTConfig, on_step=None) -> dict:
             start = run.load_checkpoint(model, optimizer, scheduler, guard)["step"]
         log.info("SFT: %d train / %d eval examples, %d steps, dtype %s, device %s, %d trainable params",
                  len(train_set), len(eval_set), total_steps, str(dtype).replace("torch.", ""), device, sum(p.numel() for p in model.parameters() if p.requires_grad))
-        if start == 0 and eval_set:
-            run.log(0, {"eval/loss": evaluate(model, eval_set, *eval_args)})
         eval_fn = (lambda: {"eval/loss": evaluate(model, eval_set, *eval_args)}) if eval_set else None
-        status, step = fit(run, t, model, optimizer, scheduler, step_fn, total_steps, start, eval_fn, on_step, guard, desc="sft")
+        status, step, final = fit(run, t, model, optimizer, scheduler, step_fn, total_steps, start, eval_fn, on_step, guard, desc="sft")
         if status == "interrupted":
             return {"status": status, "step": step}
-
-        final_eval = evaluate(model, eval_set, *eval_args) if eval_set else float("nan")
-        if eval_set:
-            run.log(step, {"eval/loss": final_eval})
-        run.save_checkpoint(step, model, optimizer, scheduler, {"nan_skipped": guard.total}, t.keep_checkpoints)
+        final_eval = final.get("eval/loss", float("nan"))
         model_dir = save_pretrained(model, tok, run.out, merge=cfg.model.merge)
         last_loss = next((m["train/loss"] for m in reversed(run.read_metrics()) if "train/loss" in m), float("nan"))
         initial = next((m["eval/loss"] for m in run.read_metrics() if m["step"] == 0 and "eval/loss" in m), float("nan"))
