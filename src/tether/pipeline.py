@@ -153,7 +153,7 @@ def _placeholder(tree):
     """The tree with references replaced by dummies, for validation before the stages ran: a value that
     is one whole reference becomes 0 (it may be a number, e.g. `${eval_rm.length_slope}`), a reference
     inside a longer string becomes 'REF'."""
-    whole = re.compile(r'"\$\{[A-Za-z0-9_\-]+\.[A-Za-z0-9_.\-/]+\}"')
+    whole = re.compile(f'"{REF.pattern}"')
     return json.loads(REF.sub("REF", whole.sub("0", json.dumps(tree))))
 
 

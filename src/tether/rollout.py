@@ -113,8 +113,8 @@ def join(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def _trunk(model):
-    """(backbone, lm_head) of a causal LM, through a peft wrapper if there is one: calling the backbone
+def trunk(model):
+    """(backbone, lm_head, config) of a causal LM, through a peft wrapper if there is one: calling the backbone
     still runs the active LoRA adapters (and `disable_adapter()` still turns them off)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, base.base_model_prefix), base.get_output_embeddings(), base.config
@@ -129,7 +129,7 @@ def policy_forward(model, batch: dict, temperature: float, with_entropy: bool = 
     needed, and with a 49k vocabulary the head is a large share of a small model's compute."""
     ids, mask, pos = join(batch)
     Q = batch["query_ids"].shape[1]
-    backbone, lm_head, config = _trunk(model)
+    backbone, lm_head, config = trunk(model)
     hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state[:, Q - 1 : -1]
     logits = lm_head(hidden).float()
     cap = getattr(config, "final_logit_softcapping", None)

@@ -33,7 +33,7 @@ from tether.losses.lm import sft_loss, token_logprobs
 from tether.monitor import Monitor
 from tether.models import (apply_lora, autocast, default_device, load_causal_lm, load_reward_model, load_tokenizer,
                            resolve_dtype, save_pretrained, score_conversations, token_scores)
-from tether.rollout import generate, join, policy_forward, sample_batch
+from tether.rollout import generate, join, policy_forward, sample_batch, trunk
 from tether.runloop import NanGuard, Run, make_scheduler, seed_everything
 from tether.tasks import load_task, subset
 
@@ -80,7 +80,7 @@ class SharedCritic(torch.nn.Module):
         targets = target if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
         policy.add_adapter("critic", LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
         self._policy = [policy]  # a list, so nn.Module does not register it as a submodule
-        hidden = policy.get_base_model().config.hidden_size
+        hidden = trunk(policy)[2].hidden_size
         self.head = torch.nn.Linear(hidden, 1)
         torch.nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))  # as lm-human-preferences' heads
         torch.nn.init.zeros_(self.head.bias)
@@ -90,8 +90,7 @@ class SharedCritic(torch.nn.Module):
         policy = self._policy[0]
         policy.set_adapter("critic")
         try:
-            backbone = getattr(policy.get_base_model(), policy.get_base_model().base_model_prefix)
-            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            hidden = trunk(policy)[0](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         finally:
             policy.set_adapter("default")
             _both_trainable(policy)
@@ -142,8 +141,7 @@ def make_critic(cfg: PPOConfig, policy, tok, rm_tok=None):
     if mode == "head":
         if from_rm:
             log.warning("critic_backbone=head: the value head starts fresh on the policy's trunk, not from the reward model")
-        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        return ValueHead(base.config.hidden_size)
+        return ValueHead(trunk(policy)[2].hidden_size)
     if mode == "auto":
         mode = "shared" if M.lora_r > 0 and not from_rm else "separate"
     if mode == "shared":
