@@ -68,6 +68,19 @@ def test_reads_every_file_kind(tok, tmp_path, kind):
     assert [m["messages"][-1]["content"] for m in got] == ["A0", "A1", "A2"]
 
 
+def test_csv_cells_become_labels_and_numbers(tmp_path):
+    """KTO labels and vote shares from a CSV file arrive typed; what does not parse is still an error."""
+    path = tmp_path / "kto.csv"
+    path.write_text("prompt,completion,label\nQ0,A0,true\nQ1,A1,False\nQ2,A2,1\n")
+    assert [r["label"] for r in D.normalise_unpaired(D.read_rows(str(path)))] == [True, False, True]
+    path.write_text("prompt,chosen,rejected,p_chosen,margin\nQ0,a,b,0.8,\nQ1,a,b,,2\n")
+    got = D.normalise_preferences(D.read_rows(str(path)))
+    assert [(r["p_chosen"], r["margin"]) for r in got] == [(0.8, None), (None, 2.0)]
+    path.write_text("prompt,completion,label\nQ0,A0,maybe\n")
+    with pytest.raises(TetherError, match="field 'label': must be true or false"):
+        D.normalise_unpaired(D.read_rows(str(path)))
+
+
 def test_builtin_demos_are_valid_and_large_enough(tok):
     rows = D.read_rows("builtin:demos")
     assert len(rows.rows) >= 200

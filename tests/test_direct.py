@@ -5,6 +5,7 @@ test_direct_losses.py."""
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tether import data as D
 from tether import pipeline
 from tether.cli import main
 from tether.config import DirectConfig, load_config
+from tether.errors import TetherError
 from tether.models import apply_lora, load_causal_lm
 from tether.runloop import seed_everything
 from tether.stages import direct
@@ -301,6 +303,36 @@ def test_soft_labels_reach_the_loss(tmp_path):
     assert all(m["train/grad_norm"] == 0 and m["rewards/margins"] == 0 for m in soft)
     assert soft[-1]["train/loss"] == pytest.approx(0.6931, abs=1e-4)
     assert hard[0]["train/grad_norm"] > 1e-3  # hard labels: the same start does get a gradient
+
+
+def test_min_agreement_keeps_the_pairs_the_panel_agreed_on(tmp_path, tok):
+    """Vote shares 1.0, 0.8, 0.6 and 0.4 (the rejected side's majority: agreement 0.6): at 0.8 the
+    first two of every four pairs are trained on; KTO keeps or drops both halves of a pair together;
+    the held-out split is never filtered."""
+    shares = [1.0, 0.8, 0.6, 0.4]
+    rows = [{**r, "p_chosen": shares[i % 4]} for i, r in enumerate(pair_rows(16))]
+    data, ev = write_jsonl(tmp_path / "votes.jsonl", rows), write_jsonl(tmp_path / "ev.jsonl", rows[:4])
+    flags = {"data.eval_path": str(ev), "data.min_agreement": 0.8}
+    train, held = direct.load_examples(direct.check(dcfg(tmp_path, data, **flags)), tok)
+    assert [e["row"] for e in train] == [i + 1 for i in range(16) if i % 4 < 2] and len(held) == 4
+    train, _ = direct.load_examples(direct.check(dcfg(tmp_path, data, "kto", **flags)), tok)
+    assert sorted(e["row"] for e in train) == sorted(2 * [i + 1 for i in range(16) if i % 4 < 2])
+    assert sum(e["label"] for e in train) == 8
+    train, _ = direct.load_examples(direct.check(dcfg(tmp_path, data, **{**flags, "data.min_agreement": 0.6})), tok)
+    assert len(train) == 16  # 0.4 for chosen is 0.6 agreement (with the rejected side)
+    train, _ = direct.load_examples(direct.check(dcfg(tmp_path, data, **{**flags, "data.min_agreement": 0.0})), tok)
+    assert len(train) == 16
+
+
+@pytest.mark.parametrize("rows,value,message", [
+    ([{"prompt": "p", "chosen": "a", "rejected": "b"}], 0.8, "needs a p_chosen column"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b", "p_chosen": 0.6}], 0.8, "no example has annotator agreement >= 0.8"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b", "p_chosen": 1.0}], 0.4, "must be in (0.5, 1]"),
+])
+def test_min_agreement_errors(tmp_path, tok, rows, value, message):
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(TetherError, match=re.escape(message)):
+        direct.load_examples(direct.check(dcfg(tmp_path, data, **{"data.eval_path": str(data), "data.min_agreement": value})), tok)
 
 
 def test_pipeline_recipe_with_direct_stages(tmp_path, pairs):

@@ -142,6 +142,21 @@ def test_soft_labels_are_used_by_the_trainer(tmp_path):
     assert abs(soft["eval/margin"]) < 0.2 * hard["eval/margin"]
 
 
+def test_min_agreement_trains_on_the_agreed_pairs_only(tmp_path, tok):
+    """The flipped labels carry a 3-2 vote (p_chosen 0.6), the true ones a unanimous one: at
+    min_agreement 1.0 no flipped pair is trained on, while the held-out split keeps every pair."""
+    rows, truthful = synthetic_pairs(40, 0.3, seed=5)
+    for r, t in zip(rows, truthful):
+        r["p_chosen"] = 1.0 if t else 0.6
+    data = write_jsonl(tmp_path / "votes.jsonl", rows)
+    cfg = rm_cfg(tmp_path, data, **{"data.eval_fraction": 0.25, "data.min_agreement": 1.0})
+    train, held = rm.load_groups(cfg, tok)
+    everything, held_all = rm.load_groups(rm_cfg(tmp_path, data, **{"data.eval_fraction": 0.25}), tok)
+    assert held == held_all and sum(len(g["pairs"]) for g in held) == 10
+    assert all(p["p"] == 1.0 for g in train for p in g["pairs"])
+    assert sum(len(g["pairs"]) for g in train) == sum(p["p"] == 1.0 for g in everything for p in g["pairs"]) < 30
+
+
 @pytest.mark.parametrize("row,message", [
     ({"prompt": "p", "rejected": "b"}, "row 1, field 'chosen': missing column (preference data needs 'chosen' and 'rejected')"),
     ({"prompt": "p", "chosen": "same", "rejected": "same"}, "row 1, field 'chosen': chosen and rejected are identical"),

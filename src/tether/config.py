@@ -46,6 +46,9 @@ class DataConfig:
     max_length: int = 512
     overlong: str = _choice("truncate", ("truncate", "drop", "error"), "policy for rows over max_length")
     packing: bool = False  # pack several examples per row (block-diagonal attention, no leakage)
+    # preference data: train only on pairs whose annotators agree at least this much,
+    # max(p_chosen, 1 - p_chosen) >= min_agreement (needs a p_chosen column; 0 = keep every pair)
+    min_agreement: float = 0.0
 
 
 @dataclass

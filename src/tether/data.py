@@ -112,13 +112,22 @@ def _read_datasets_folder(p: Path) -> Rows:
 
 
 def _decode_csv_cells(row: dict) -> dict:
-    # message lists travel through CSV as JSON text
+    """CSV has only text: message lists travel as JSON text; KTO's label as true/false (or 1/0); the
+    numeric columns p_chosen and margin as numbers, an empty cell meaning absent. Anything else that
+    does not parse is left as text, for validation to name."""
     out = {}
     for k, v in row.items():
         if isinstance(v, str) and v.lstrip().startswith("["):
             try:
                 v = json.loads(v)
             except json.JSONDecodeError:
+                pass
+        elif k == "label" and isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
+            v = v.strip().lower() in ("true", "1")
+        elif k in ("p_chosen", "margin") and isinstance(v, str):
+            try:
+                v = float(v) if v.strip() else None
+            except ValueError:
                 pass
         out[k] = v
     return out
@@ -267,8 +276,8 @@ def normalise_unpaired(rows: Rows) -> list[dict]:
     if "chosen" in rows.rows[0] or "rejected" in rows.rows[0]:
         out = []
         for p in normalise_preferences(rows):
-            out.append({"prompt": p["prompt"], "completion": p["chosen"], "label": True, "row": p["row"]})
-            out.append({"prompt": p["prompt"], "completion": p["rejected"], "label": False, "row": p["row"]})
+            for side, label in (("chosen", True), ("rejected", False)):
+                out.append({"prompt": p["prompt"], "completion": p[side], "label": label, "row": p["row"], "p_chosen": p["p_chosen"]})
         return out
     out = []
     for i, r in enumerate(rows.rows):
@@ -281,8 +290,28 @@ def normalise_unpaired(rows: Rows) -> list[dict]:
         completion = _side(r["completion"], rows, i, "completion")
         if not isinstance(r["label"], bool):
             raise TetherError(f"{rows.where(i, 'label')}: must be true or false (is the completion desirable?), got {r['label']!r}")
-        out.append({"prompt": prompt, "completion": completion, "label": r["label"], "row": rows.numbers[i]})
+        out.append({"prompt": prompt, "completion": completion, "label": r["label"], "row": rows.numbers[i], "p_chosen": None})
     return out
+
+
+def filter_agreement(items: list[dict], min_agreement: float, source: str) -> list[dict]:
+    """Keep the examples whose annotators agreed at least `min_agreement`: max(p, 1 - p) >= it, p the
+    share of votes for the chosen response ('p_chosen'). With a noisy panel most of the pairs it barely
+    split on are pairs of equally good responses, so their labels are coin flips that a direct method
+    fits as readily as real preferences; dropping them trades data for signal. 0 keeps everything."""
+    if not min_agreement:
+        return items
+    if not 0.5 < min_agreement <= 1:
+        raise TetherError(f"data.min_agreement must be in (0.5, 1] (the majority's vote share) or 0 for off, got {min_agreement}")
+    missing = [it["row"] for it in items if it.get("p_chosen") is None]
+    if missing:
+        raise TetherError(f"{source}: data.min_agreement needs a p_chosen column (the annotators' vote share for "
+                          f"chosen, as tether label writes it); row {missing[0]} has none")
+    kept = [it for it in items if max(it["p_chosen"], 1 - it["p_chosen"]) >= min_agreement - 1e-9]
+    if not kept:
+        raise TetherError(f"{source}: no example has annotator agreement >= {min_agreement}")
+    log.info(f"data.min_agreement {min_agreement}: kept {len(kept)} of {len(items)} examples of {source}")
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,6 +458,15 @@ def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     ev = sorted(idx[:n_eval])
     tr = sorted(idx[n_eval:])
     return [examples[i] for i in tr], [examples[i] for i in ev]
+
+
+def split_by_prompt(items: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out whole prompts, so no held-out example shares a prompt with a training example."""
+    groups: dict[str, list[dict]] = {}
+    for it in items:
+        groups.setdefault(json.dumps(it["prompt"], sort_keys=True), []).append(it)
+    train, held = split_eval(list(groups.values()), fraction, seed)
+    return [x for g in train for x in g], [x for g in held for x in g]
 
 
 # --------------------------------------------------------------------------------------------------

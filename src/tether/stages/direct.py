@@ -101,15 +101,6 @@ def tokenize(tok, prompt: list[dict], completion: list[dict]) -> dict:
     return D.tokenize_sft(tok, {"messages": prompt + completion}, first_trained=len(prompt))
 
 
-def split_by_prompt(items: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out whole prompts, so no held-out example shares a prompt with a training example."""
-    groups: dict[str, list[dict]] = {}
-    for it in items:
-        groups.setdefault(json.dumps(it["prompt"], sort_keys=True), []).append(it)
-    train, held = D.split_eval(list(groups.values()), fraction, seed)
-    return [x for g in train for x in g], [x for g in held for x in g]
-
-
 def load_examples(cfg: DirectConfig, tok) -> tuple[list[dict], list[dict]]:
     d, kto = cfg.data, cfg.direct.method == "kto"
     normalise = D.normalise_unpaired if kto else D.normalise_preferences
@@ -117,7 +108,8 @@ def load_examples(cfg: DirectConfig, tok) -> tuple[list[dict], list[dict]]:
     if d.eval_path:
         train, held, sources = items, normalise(D.read_rows(d.eval_path)), (d.path, d.eval_path)
     else:
-        (train, held), sources = split_by_prompt(items, d.eval_fraction, cfg.train.seed), (d.path, d.path)
+        (train, held), sources = D.split_by_prompt(items, d.eval_fraction, cfg.train.seed), (d.path, d.path)
+    train = D.filter_agreement(train, d.min_agreement, d.path)
     out = []
     for split, source in zip((train, held), sources):
         examples = tokenize_examples(tok, split, ("completion",) if kto else PAIRED, d.max_length, d.overlong, source)

@@ -16,6 +16,7 @@ import torch
 
 from tether import data as D
 from tether.config import SFTConfig
+from tether.errors import TetherError
 from tether.losses.lm import sft_loss, token_logprobs
 from tether.models import autocast, default_device, load_policy, resolve_dtype, save_pretrained
 from tether.runloop import Run, fit, micro_batch, seed_everything, training_setup
@@ -25,6 +26,8 @@ log = logging.getLogger("tether")
 
 def load_data(cfg: SFTConfig, tok) -> tuple[list[dict], list[dict]]:
     d = cfg.data
+    if d.min_agreement:
+        raise TetherError("data.min_agreement filters preference pairs; SFT data has no annotator votes")
     examples = D.prepare_sft(tok, D.read_rows(d.path), d.max_length, d.overlong)
     if d.eval_path:
         return examples, D.prepare_sft(tok, D.read_rows(d.eval_path), d.max_length, d.overlong)
