@@ -359,7 +359,7 @@ def test_pipeline_recipe_with_direct_stages(tmp_path, pairs):
 
 def test_shipped_direct_recipe_is_valid():
     """direct.yaml extends the quickstart: its stages first (identical, so a run folder shares them),
-    then the five methods and their comparison."""
+    then a larger label set, the five methods (on the pairs the panel agreed on) and their comparison."""
     from importlib import resources
 
     with resources.as_file(resources.files("tether.recipes") / "direct.yaml") as p:
@@ -368,4 +368,7 @@ def test_shipped_direct_recipe_is_valid():
     assert list(r["stages"])[: len(quick["stages"])] == list(quick["stages"]) and r["out"] == quick["out"]
     assert {n: r["stages"][n] for n in quick["stages"]} == quick["stages"]
     assert {n: k for n, (k, _) in r["stages"].items() if n not in quick["stages"]} == {
-        "dpo": "dpo", "ipo": "dpo", "simpo": "dpo", "kto": "kto", "orpo": "orpo", "eval_direct": "eval"}
+        "label_direct": "label", "dpo": "dpo", "ipo": "dpo", "simpo": "dpo", "kto": "kto", "orpo": "orpo", "eval_direct": "eval"}
+    for method in ("dpo", "ipo", "simpo", "kto", "orpo"):
+        data = r["stages"][method][1]["data"]
+        assert data["path"] == "${label_direct.train}" and data["min_agreement"] == 0.8
