@@ -303,10 +303,10 @@ def filter_agreement(items: list[dict], min_agreement: float, source: str) -> li
         return items
     if not 0.5 < min_agreement <= 1:
         raise TetherError(f"data.min_agreement must be in (0.5, 1] (the majority's vote share) or 0 for off, got {min_agreement}")
-    missing = [it["row"] for it in items if it.get("p_chosen") is None]
-    if missing:
+    missing = next((it["row"] for it in items if it.get("p_chosen") is None), None)
+    if missing is not None:
         raise TetherError(f"{source}: data.min_agreement needs a p_chosen column (the annotators' vote share for "
-                          f"chosen, as tether label writes it); row {missing[0]} has none")
+                          f"chosen, as tether label writes it); row {missing} has none")
     kept = [it for it in items if max(it["p_chosen"], 1 - it["p_chosen"]) >= min_agreement - 1e-9]
     if not kept:
         raise TetherError(f"{source}: no example has annotator agreement >= {min_agreement}")
@@ -467,6 +467,18 @@ def split_by_prompt(items: list[dict], fraction: float, seed: int) -> tuple[list
         groups.setdefault(json.dumps(it["prompt"], sort_keys=True), []).append(it)
     train, held = split_eval(list(groups.values()), fraction, seed)
     return [x for g in train for x in g], [x for g in held for x in g]
+
+
+def preference_splits(d, normalise, seed: int) -> tuple[list[dict], list[dict]]:
+    """Training and held-out items of preference data (`d` a DataConfig, `normalise` the reader of its
+    rows): `d.eval_path`, or whole prompts of `d.path` held out; only the training split is filtered by
+    `d.min_agreement`, so held-out metrics stay comparable across thresholds."""
+    items = normalise(read_rows(d.path))
+    if d.eval_path:
+        train, held = items, normalise(read_rows(d.eval_path))
+    else:
+        train, held = split_by_prompt(items, d.eval_fraction, seed)
+    return filter_agreement(train, d.min_agreement, d.path), held
 
 
 # --------------------------------------------------------------------------------------------------

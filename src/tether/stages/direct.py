@@ -104,14 +104,9 @@ def tokenize(tok, prompt: list[dict], completion: list[dict]) -> dict:
 def load_examples(cfg: DirectConfig, tok) -> tuple[list[dict], list[dict]]:
     d, kto = cfg.data, cfg.direct.method == "kto"
     normalise = D.normalise_unpaired if kto else D.normalise_preferences
-    items = normalise(D.read_rows(d.path))
-    if d.eval_path:
-        train, held, sources = items, normalise(D.read_rows(d.eval_path)), (d.path, d.eval_path)
-    else:
-        (train, held), sources = D.split_by_prompt(items, d.eval_fraction, cfg.train.seed), (d.path, d.path)
-    train = D.filter_agreement(train, d.min_agreement, d.path)
+    train, held = D.preference_splits(d, normalise, cfg.train.seed)
     out = []
-    for split, source in zip((train, held), sources):
+    for split, source in zip((train, held), (d.path, d.eval_path or d.path)):
         examples = tokenize_examples(tok, split, ("completion",) if kto else PAIRED, d.max_length, d.overlong, source)
         if kto:
             add_mismatched(tok, examples, d.max_length, cfg.train.seed)

@@ -33,12 +33,7 @@ def load_groups(cfg: RMConfig, tok) -> tuple[list[dict], list[dict]]:
         raise TetherError("rm needs preference data: --data PAIRS.jsonl (columns prompt, chosen, rejected)")
     if d.packing:
         raise TetherError("data.packing is not supported for reward models")
-    pairs = D.normalise_preferences(D.read_rows(d.path))
-    if d.eval_path:
-        train, held = pairs, D.normalise_preferences(D.read_rows(d.eval_path))
-    else:  # hold out whole prompts, so no held-out pair shares a prompt with a training pair
-        train, held = D.split_by_prompt(pairs, d.eval_fraction, cfg.train.seed)
-    train = D.filter_agreement(train, d.min_agreement, d.path)
+    train, held = D.preference_splits(d, D.normalise_preferences, cfg.train.seed)
     return D.group_preferences(train, tok, d.max_length), D.group_preferences(held, tok, d.max_length)
 
 
