@@ -83,3 +83,46 @@ def test_quickstart_pipeline_on_the_tiny_model(tmp_path, capsys):
     assert html.count("data:image/png;base64,") >= 4
     assert main(["quickstart", "--fast", "--out", str(out), *tiny]) == 0
     assert all(s.get("skipped") for s in json.loads((out / "pipeline.json").read_text())["stages"])
+
+
+def test_print_config_is_the_resolved_config_with_comments(tmp_path, capsys):
+    """--print-config: YAML that loads back to exactly the resolved config (flags and --set included), each key
+    with its comment and choices; nothing runs and nothing is written."""
+    import yaml
+
+    from tether.config import PPOConfig, load_config, to_dict
+
+    out = tmp_path / "never"
+    code = main(["ppo", "--algo", "rloo", "--kl-coef", "0.2", "--prompts", "p.jsonl", "--out", str(out),
+                 "--set", "rollout.group_size=3", "--print-config"])
+    text = capsys.readouterr().out
+    assert code == 0 and not out.exists()
+    want = load_config(PPOConfig, None, {"ppo.algo": "rloo", "ppo.kl_coef": 0.2, "data.path": "p.jsonl", "train.out": str(out)},
+                       ["rollout.group_size=3"])
+    assert yaml.safe_load(text) == to_dict(want)
+    lines = text.splitlines()
+    assert "  algo: rloo  # [ppo | grpo | rloo | reinforce]" in lines
+    assert "  kl_coef: 0.2  # beta" in lines
+    assert any(x.startswith("  max_grad_norm: 1.0  # clip the global gradient norm to this; 0 = no clipping") for x in lines)
+    assert any(x.startswith("  min_agreement: 0.0  # preference data: train only on pairs") for x in
+               capsys.readouterr().out.splitlines() + _printed(["rm", "--print-config"], capsys))
+    # the printed config is a valid --config file: it reproduces the same config
+    path = tmp_path / "printed.yaml"
+    path.write_text(text)
+    assert load_config(PPOConfig, path) == want
+
+
+def _printed(argv, capsys):
+    assert main(argv) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_ppo_help_names_the_algorithms_and_flags(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for word in ("--algo {ppo,grpo,rloo,reinforce}", "--reward-model", "--reward-fn", "--prompts FILE", "--eval-prompts FILE",
+                 "--kl-coef", "grpo: group-normalised", "rloo: leave-one-out", "reinforce: batch-mean"):
+        assert word in text, word

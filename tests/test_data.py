@@ -150,6 +150,223 @@ def test_overlong_policies(tok, tmp_path, caplog):
     assert max(len(e["input_ids"]) for e in truncated) <= 64
 
 
+# --- unreadable input: one line naming the file and, where there is one, the row or line ---------
+
+def _read_err(path) -> str:
+    with pytest.raises(TetherError) as e:
+        D.read_rows(str(path))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_invalid_utf8_names_row_and_column(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xc3\xa9 \xff"}\n')  # blank lines count; the column counts é once
+    assert _read_err(p) == f"{p}, row 3: not valid UTF-8 (byte 0xff at column 16)"
+    p = tmp_path / "bad.json"
+    p.write_bytes(b'[\n  {"text": "a\xff"}\n]\n')
+    assert _read_err(p) == f"{p}, line 2: not valid UTF-8 (byte 0xff at column 14)"
+    p = tmp_path / "bad.csv"
+    p.write_bytes(b"prompt,completion\nQ0,A0\nQ1,A\x80\n")
+    assert _read_err(p) == f"{p}, row 3: not valid UTF-8 (byte 0x80 at column 5)"
+
+
+def test_utf8_bom_is_dropped(tmp_path):
+    """Spreadsheets start their CSV with a byte-order mark; it is not part of the first column's name."""
+    p = tmp_path / "bom.csv"
+    p.write_bytes(b"\xef\xbb\xbfprompt,completion\nQ,A\n")
+    assert D.read_rows(str(p)).rows == [{"prompt": "Q", "completion": "A"}]
+    p.write_bytes(b"\xef\xbb\xbfprompt,completion\n\xfe,A\n")
+    assert _read_err(p) == f"{p}, row 2: not valid UTF-8 (byte 0xfe at column 1)"
+
+
+def test_truncated_and_non_object_json_rows(tmp_path):
+    p = tmp_path / "cut.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "fi')
+    assert _read_err(p) == f"{p}, row 2: invalid JSON (Unterminated string starting at column 10; the file ends inside this row: truncated?)"
+    p.write_text('{"text": "fine"}\n{"text": "fine" "more"}\n')
+    assert _read_err(p) == f"{p}, row 2: invalid JSON (Expecting ',' delimiter at column 17)"
+    p.write_text('{"text": "fine"}\n[1, 2]\n')
+    assert _read_err(p) == f"{p}, row 2: expected a JSON object, got list"
+    p.write_text("\n")
+    assert _read_err(p) == f"{p}: no rows"
+
+
+def test_json_file_errors(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")  # an image under a .json name
+    assert _read_err(p) == f"{p}, line 1: not valid UTF-8 (byte 0x89 at column 1)"
+    p.write_text('[{"text": "a"},\n {"te')
+    assert _read_err(p) == f"{p}, line 2: invalid JSON (Unterminated string starting at column 3)"
+    p.write_text('{"text": "a"}')
+    assert _read_err(p) == f"{p}: expected a JSON list of objects (or JSON Lines in a .jsonl file), got dict"
+    p.write_text("42")
+    assert _read_err(p).endswith(", got int")
+    p.write_text('{"data": [{"text": "a"}, 3]}')
+    assert _read_err(p) == f"{p}, row 2: expected a JSON object, got int"
+
+
+def test_csv_structure_errors(tmp_path, tok):
+    p = tmp_path / "d.csv"
+    p.write_text("prompt,completion\nHello, world,Hi\n")
+    assert _read_err(p) == f"{p}, row 2: 3 cells but the header has 2 columns (quote cells that contain commas)"
+    p.write_text("prompt,completion\nq,a\n\"" + "x" * 200_000 + "\",b\n")
+    assert _read_err(p) == f"{p}, row 3: unreadable CSV (field larger than field limit (131072))"
+    p.write_text("prompt,completion\n")
+    assert _read_err(p) == f"{p}: no rows"
+    # rows are numbered by the line they end on: blank lines and quoted line breaks count
+    p.write_text('prompt,completion\nQ0,A0\n\nQ1,"A\nB"\nQ2,\n')
+    with pytest.raises(TetherError) as e:
+        D.normalise_sft(D.read_rows(str(p)))
+    assert str(e.value) == f"{p}, row 6, field 'completion': empty completion"
+
+
+def test_unreadable_parquet(tmp_path):
+    import datasets
+
+    good = tmp_path / "good.parquet"
+    datasets.Dataset.from_list([{"prompt": f"Q{i}", "completion": f"A{i}"} for i in range(50)]).to_parquet(str(good))
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PK\x03\x04 not a parquet file at all")
+    for p in (cut, garbage):
+        assert _read_err(p).startswith(f"{p}: not a readable Parquet file (ArrowInvalid: ")
+    empty = tmp_path / "empty.parquet"
+    datasets.Dataset.from_dict({"prompt": [], "completion": []}).to_parquet(str(empty))
+    assert _read_err(empty) == f"{empty}: no rows"
+
+
+def test_unreadable_datasets_folder(tmp_path):
+    import datasets
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("hello")
+    assert _read_err(other).startswith(f"{other}: not a readable datasets folder saved with save_to_disk (FileNotFoundError: ")
+    ds = datasets.Dataset.from_list([{"prompt": f"Q{i}", "completion": f"A{i}"} for i in range(50)])
+    state = tmp_path / "state"
+    ds.save_to_disk(str(state))
+    (state / "state.json").write_bytes(b"\x00\xff\xfe")
+    assert _read_err(state).startswith(f"{state}: not a readable datasets folder saved with save_to_disk (UnicodeDecodeError: ")
+    cut = tmp_path / "cut"
+    ds.save_to_disk(str(cut))
+    (arrow,) = cut.glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    assert _read_err(cut).startswith(f"{cut}: not a readable datasets folder saved with save_to_disk (")
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "kto", "orpo", "eval-rm"])
+def test_cli_bad_bytes_exit_2_and_write_nothing(tmp_path, capsys, command):
+    """Every stage reads and checks its data before it creates --out: a bad file leaves no run folder."""
+    from tether.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff"}\n')
+    out = tmp_path / "out"
+    code = main([command, "--model", "builtin:tiny", "--data", str(bad), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == f"tether: error: {bad}, row 2: not valid UTF-8 (byte 0xff at column 13)"
+    assert not out.exists()
+
+
+# --- CSV cells: JSON only where a message list may be ---------------------------------------------
+
+def _write_csv(path, header, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def test_csv_parses_json_only_for_message_lists(tmp_path):
+    system_user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    p = _write_csv(tmp_path / "d.csv", ["prompt", "completion", "note"], [
+        ["List it", "[1, 2, 3] is a list", "[x]"],
+        ["Just the list", "[1, 2, 3]", "[1, 2]"],
+        [json.dumps(system_user), "Hello", "[]"],
+    ])
+    rows = D.read_rows(str(p))
+    assert [r["note"] for r in rows.rows] == ["[x]", "[1, 2]", "[]"]
+    assert [g["messages"] for g in D.normalise_sft(rows)] == [
+        [{"role": "user", "content": "List it"}, {"role": "assistant", "content": "[1, 2, 3] is a list"}],
+        [{"role": "user", "content": "Just the list"}, {"role": "assistant", "content": "[1, 2, 3]"}],
+        system_user + [{"role": "assistant", "content": "Hello"}],
+    ]
+
+
+# --- prompt-only data (RL) ------------------------------------------------------------------------
+
+def test_prompts_strings_messages_and_meta(tmp_path):
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye?"}]
+    p = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "prompt": "Name a colour.", "level": 2},
+        {"prompt": convo[:2]},
+        {"messages": convo},
+        {"prompt": "Why?", "messages": convo + [{"role": "assistant", "content": "Bye."}]},
+    ])
+    assert D.normalise_prompts(D.read_rows(str(p))) == [
+        {"messages": [{"role": "user", "content": "Name a colour."}], "row": 1, "meta": {"id": "a", "level": 2}},
+        {"messages": convo[:2], "row": 2, "meta": {}},
+        {"messages": convo, "row": 3, "meta": {}},
+        {"messages": [{"role": "user", "content": "Why?"}], "row": 4,
+         "meta": {"messages": convo + [{"role": "assistant", "content": "Bye."}]}},
+    ]
+
+
+def test_prompts_from_csv_parquet_and_datasets_folder(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    p = _write_csv(tmp_path / "p.csv", ["id", "prompt"], [["x1", json.dumps(msgs)], ["x2", "Plain text"]])
+    assert D.normalise_prompts(D.read_rows(str(p))) == [
+        {"messages": msgs, "row": 2, "meta": {"id": "x1"}},
+        {"messages": [{"role": "user", "content": "Plain text"}], "row": 3, "meta": {"id": "x2"}},
+    ]
+    p = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": 1, "prompt": msgs}, {"id": 2, "prompt": msgs[1:]}]), p)
+    assert D.normalise_prompts(D.read_rows(str(p))) == [
+        {"messages": msgs, "row": 1, "meta": {"id": 1}}, {"messages": msgs[1:], "row": 2, "meta": {"id": 2}},
+    ]
+    p = tmp_path / "folder"
+    datasets.Dataset.from_list([{"prompt": "Q0", "tag": "t"}, {"prompt": "Q1", "tag": "u"}]).save_to_disk(str(p))
+    assert D.normalise_prompts(D.read_rows(str(p))) == [
+        {"messages": [{"role": "user", "content": "Q0"}], "row": 1, "meta": {"tag": "t"}},
+        {"messages": [{"role": "user", "content": "Q1"}], "row": 2, "meta": {"tag": "u"}},
+    ]
+
+
+def _prompt_err(tmp_path, row) -> str:
+    p = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, row])
+    with pytest.raises(TetherError) as e:
+        D.normalise_prompts(D.read_rows(str(p)))
+    return str(e.value).removeprefix(f"{p}, row 2, ")
+
+
+@pytest.mark.parametrize("value, kind", [(7, "int"), (True, "bool"), (None, "NoneType"), ({"text": "x"}, "dict")])
+def test_prompt_of_the_wrong_type(tmp_path, value, kind):
+    assert _prompt_err(tmp_path, {"prompt": value}) == f"field 'prompt': expected a string or a list of messages, got {kind}"
+
+
+def test_prompt_errors(tmp_path):
+    assert _prompt_err(tmp_path, {"id": 3, "question": "x"}) == (
+        "field 'prompt': missing column (prompt data needs 'prompt' or 'messages'; the columns are ['id', 'question'])")
+    assert _prompt_err(tmp_path, {"prompt": " \n"}) == "field 'prompt': empty prompt"
+    assert _prompt_err(tmp_path, {"prompt": [{"role": "user", "content": "  "}]}) == "field 'prompt': empty prompt"
+    answered = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    for field in ("prompt", "messages"):
+        assert _prompt_err(tmp_path, {field: answered}) == (
+            f"field '{field}': the last message is the assistant's; a prompt ends where the model is to answer")
+    assert _prompt_err(tmp_path, {"messages": "Hi"}) == "field 'messages': expected a non-empty list of messages, got str"
+    assert _prompt_err(tmp_path, {"prompt": [{"role": "robot", "content": "x"}]}).startswith(
+        "field 'prompt': message 0 has unknown role 'robot'")
+
+
 # --- packing --------------------------------------------------------------------------------------
 
 def test_packing_boundaries_and_no_cross_attention(tok):

@@ -19,7 +19,7 @@ from tether.cli import main
 from tether.config import DirectConfig, load_config
 from tether.errors import TetherError
 from tether.models import apply_lora, load_causal_lm
-from tether.runloop import seed_everything
+from tether.runloop import micro_batch, seed_everything
 from tether.stages import direct
 
 WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "piano", "lemon", "ocean", "amber"]
@@ -219,15 +219,41 @@ def test_resume_equals_straight_run_and_reuses_the_reference_cache(tmp_path, pai
 
 
 @pytest.mark.parametrize("data", ["unpaired", "pairs"])
-def test_kto_on_unpaired_data_and_on_pairs_logs_kl(tmp_path, request, data):
+def test_kto_on_unpaired_data_and_on_pairs_logs_kl(tmp_path, request, tok, data):
+    """The logged `kl` is z0 = max(0, mean over the batch's mismatched pairs of logpi - logref): at
+    step 1 the policy is the reference (z0 = 0 up to float noise), and at steps 2 and 3 it equals z0
+    recomputed here from a snapshot of the policy's weights and a fresh reference forward."""
     path = request.getfixturevalue(data)
-    s = direct.train(dcfg(tmp_path, path, "kto", **{"train.max_steps": 2}))
+    snapshots = {}
+    cfg = dcfg(tmp_path, path, "kto", **{"train.max_steps": 3, "train.lr": 1e-2})
+    s = direct.train(cfg, on_step=lambda step, run, model: snapshots.update(
+        {step: {k: v.detach().clone() for k, v in model.state_dict().items()}}))
     assert s["stage"] == "kto" and s["status"] == "done" and s["train_examples"] + s["eval_examples"] in (16, 32)
     rows = metrics(tmp_path / "run")
-    train_rows = [m for m in rows if "train/loss" in m]
-    assert all("kl" in m and m["kl"] >= 0 for m in train_rows) and "eval/kl" in rows[0] and "eval/kl" in rows[-1]
-    assert "rewards/chosen" in train_rows[-1] or "rewards/rejected" in train_rows[-1]
+    train_rows = {m["step"]: m for m in rows if "train/loss" in m}
+    assert sorted(train_rows) == [1, 2, 3]
+    assert train_rows[1]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first step's policy is the reference
+    assert rows[0]["step"] == 0 and rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)
+    # independent recomputation: the step-s batch went through the weights after step s - 1
+    train_set, _ = direct.load_examples(direct.check(cfg), tok)
+    cpu, pad = torch.device("cpu"), tok.pad_token_id
+    ref = load_causal_lm("builtin:tiny").eval()
+    raw = {}
+    for step in (2, 3):
+        policy = load_causal_lm("builtin:tiny")
+        policy.load_state_dict(snapshots[step - 1])
+        policy.eval()
+        batch = micro_batch(train_set, step - 1, cfg.train.batch_size, cfg.train.seed)
+        assert len(batch) == 4 and all(e["prompt"] != train_set[e["kl_partner"]]["prompt"] for e in batch)
+        with torch.no_grad():
+            diffs = [direct.sequence_logps(policy, [e["kl"]], pad, cpu, torch.float32)[0].item()
+                     - direct.sequence_logps(ref, [e["kl"]], pad, cpu, torch.float32)[0].item() for e in batch]
+        raw[step] = sum(diffs) / len(diffs)
+        assert train_rows[step]["kl"] == pytest.approx(max(0.0, raw[step]), abs=1e-4), (step, raw[step])
+    assert any(r > 0.1 for r in raw.values()), raw  # the policy moved and z0 is unclamped somewhere: not just 0 == 0
+    assert "rewards/chosen" in train_rows[3] or "rewards/rejected" in train_rows[3]
     assert "eval/rewards/chosen" in rows[-1] and "eval/rewards/rejected" in rows[-1] and "eval/rewards/accuracies" in rows[-1]
+    assert "eval/kl" in rows[-1]
     assert load_file(tmp_path / "run" / direct.CACHE)["train"].shape[1] == 2  # completion and mismatched pair, both cached
 
 
@@ -252,6 +278,12 @@ def test_kto_mismatched_pairs_take_another_prompt(tmp_path, pairs, tok):
     ("orpo", {"prompt": "p", "chosen": "", "rejected": "b"}, [], "row 1, field 'chosen': empty chosen"),
     ("dpo", {"prompt": "p", "chosen": "a", "rejected": "b"}, ["--loss", "cdpo"], "loss_type cdpo needs direct.label_smoothing > 0"),
     ("kto", {"prompt": "p", "chosen": "a", "rejected": "b"}, ["--set", "direct.loss_type=ipo"], "applies to tether dpo only"),
+    ("dpo", {"prompt": "p", "chosen": "a", "rejected": "b"}, ["--loss", "ipo", "--set", "direct.label_smoothing=0.1"],
+     "direct.label_smoothing has no meaning for ipo"),
+    ("dpo", {"prompt": "p", "chosen": "a", "rejected": "b"}, ["--loss", "ipo_avg", "--set", "direct.label_smoothing=0.1"],
+     "direct.label_smoothing has no meaning for ipo_avg"),
+    ("dpo", {"prompt": "p", "chosen": "a", "rejected": "b"}, ["--loss", "ipo_avg", "--set", "direct.soft_labels=true"],
+     "direct.soft_labels needs tether dpo with loss_type sigmoid or cdpo"),
     ("dpo", {"prompt": "p", "chosen": "a", "rejected": "b"}, ["--loss", "hinge", "--set", "direct.soft_labels=true"],
      "direct.soft_labels needs tether dpo with loss_type sigmoid or cdpo"),
 ])
@@ -262,17 +294,20 @@ def test_bad_data_and_settings_exit_2(tmp_path, capsys, command, row, extra, mes
     assert code == 2 and err.startswith("tether: error: ") and message in err and "Traceback" not in err
 
 
-def test_cli_dpo_with_a_loss_flag(tmp_path, pairs, capsys):
+@pytest.mark.parametrize("loss", ["ipo", "ipo_avg"])
+def test_cli_dpo_with_a_loss_flag(tmp_path, pairs, capsys, loss):
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "ipo"
-    code = main(["dpo", "--model", "builtin:tiny", "--data", str(pairs), "--out", str(out), "--loss", "ipo", "--max-steps", "2",
+    out = tmp_path / loss
+    code = main(["dpo", "--model", "builtin:tiny", "--data", str(pairs), "--out", str(out), "--loss", loss, "--max-steps", "2",
                  "--dtype", "fp32", "--report-to", "none", "--lr", "1e-3", "--no-precompute-ref"])
     assert code == 0 and "tether: done. model:" in capsys.readouterr().out
     saved = yaml.safe_load((out / "config.yaml").read_text())["direct"]
-    assert (saved["method"], saved["loss_type"], saved["beta"], saved["precompute_ref"]) == ("dpo", "ipo", 0.1, False)
+    assert (saved["method"], saved["loss_type"], saved["beta"], saved["precompute_ref"]) == ("dpo", loss, 0.1, False)
     s = json.loads((out / "summary.json").read_text())
-    assert s["stage"] == "dpo" and s["loss_type"] == "ipo" and s["steps"] == 2 and s["model"] == str(out / "model")
+    assert s["stage"] == "dpo" and s["loss_type"] == loss and s["steps"] == 2 and s["model"] == str(out / "model")
+    # before the first step the policy is the reference: every margin is 0, so the loss is the target squared
+    assert s["eval/loss_initial"] == pytest.approx((1 / (2 * 0.1)) ** 2, abs=1e-3)
     for k in ("train/loss", "rewards/accuracies", "eval/loss", "eval/rewards/accuracies", "eval/loss_initial"):
         assert k in s, k
     assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
@@ -372,3 +407,5 @@ def test_shipped_direct_recipe_is_valid():
     for method in ("dpo", "ipo", "simpo", "kto", "orpo"):
         data = r["stages"][method][1]["data"]
         assert data["path"] == "${label_direct.train}" and data["min_agreement"] == 0.8
+    # the IPO stage picks the length-averaged form on purpose, at the beta it was measured with
+    assert r["stages"]["ipo"][1]["direct"] == {"loss_type": "ipo_avg", "beta": 0.5}

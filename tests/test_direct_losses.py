@@ -80,16 +80,52 @@ def test_dpo_cdpo_robust_hinge_by_hand():
         close(dpo(beta=b, loss_type=lt)[2], [b * x for x in L_R])
 
 
-def test_ipo_by_hand_is_length_normalised():
+def test_ipo_by_hand_is_sequence_level():
+    # Azar et al.'s IPO on summed log-ratios: (h - 1/(2 beta))^2 with h = 2 and -1
+    losses, rc, rr = dpo(beta=0.5, loss_type="ipo")
+    close(losses, [(2 - 1) ** 2, (-1 - 1) ** 2])          # target 1/(2 * 0.5) = 1: 1 and 4
+    close(rc, [0.5, 0.5])                                  # beta * l_c, l_c = 1, 1
+    close(rr, [-0.5, 1.0])                                 # beta * l_r, l_r = -1, 2
+    losses, rc, rr = dpo(beta=0.1, loss_type="ipo")
+    close(losses, [9.0, 36.0])                             # target 5: (2 - 5)^2, (-1 - 5)^2
+    close(rc, [0.1, 0.1])
+    close(rr, [-0.1, 0.2])
+    # lengths, when given, change nothing: the sequence-level form never reads them
+    losses, rc, rr = dpo(beta=0.1, loss_type="ipo", chosen_lengths=torch.tensor([2, 4]), rejected_lengths=torch.tensor([4, 1]))
+    close(losses, [9.0, 36.0])
+    close(rc, [0.1, 0.1])
+    close(rr, [-0.1, 0.2])
+
+
+def test_ipo_avg_by_hand_is_length_averaged():
     b = 0.1
     lc_len, lr_len = [2, 4], [4, 1]
-    nc = [x / n for x, n in zip(L_C, lc_len)]   # 0.5, 0.25
-    nr = [x / n for x, n in zip(L_R, lr_len)]   # -0.25, 2
-    losses, rc, rr = dpo(beta=b, loss_type="ipo",
+    nc = [x / n for x, n in zip(L_C, lc_len)]   # 1/2, 1/4 = 0.5, 0.25
+    nr = [x / n for x, n in zip(L_R, lr_len)]   # -1/4, 2/1 = -0.25, 2
+    assert nc == [0.5, 0.25] and nr == [-0.25, 2.0]
+    losses, rc, rr = dpo(beta=b, loss_type="ipo_avg",
                          chosen_lengths=torch.tensor(lc_len), rejected_lengths=torch.tensor(lr_len))
-    close(losses, [(c - r - 1 / (2 * b)) ** 2 for c, r in zip(nc, nr)])   # (0.75 - 5)^2, (-1.75 - 5)^2
-    close(rc, [b * c for c in nc])
-    close(rr, [b * r for r in nr])
+    close(losses, [18.0625, 45.5625])            # (0.75 - 5)^2 = 4.25^2, (-1.75 - 5)^2 = 6.75^2
+    close(losses, [(c - r - 1 / (2 * b)) ** 2 for c, r in zip(nc, nr)])
+    close(rc, [0.05, 0.025])                     # beta * averaged l_c
+    close(rr, [-0.025, 0.2])                     # beta * averaged l_r
+
+
+def test_ipo_forms_differ_with_lengths_and_agree_when_every_length_is_1():
+    lengths = dict(chosen_lengths=torch.tensor([2, 4]), rejected_lengths=torch.tensor([4, 1]))
+    seq, avg = dpo(beta=0.1, loss_type="ipo", **lengths), dpo(beta=0.1, loss_type="ipo_avg", **lengths)
+    close(seq[0], [9.0, 36.0])
+    close(avg[0], [18.0625, 45.5625])
+    assert (seq[0] - avg[0]).abs().min().item() > 1   # losses and rewards both differ
+    assert not torch.allclose(seq[1], avg[1]) and not torch.allclose(seq[2], avg[2])
+    # equal lengths above 1 still differ: the per-token target is |y| times harder to reach in summed nats
+    same = dict(chosen_lengths=torch.tensor([3, 3]), rejected_lengths=torch.tensor([3, 3]))
+    close(dpo(beta=0.1, loss_type="ipo_avg", **same)[0], [(2 / 3 - 5) ** 2, (-1 / 3 - 5) ** 2])
+    ones = dict(chosen_lengths=torch.ones(2, dtype=torch.long), rejected_lengths=torch.ones(2, dtype=torch.long))
+    seq, avg = dpo(beta=0.1, loss_type="ipo", **ones), dpo(beta=0.1, loss_type="ipo_avg", **ones)
+    for x, y in zip(seq, avg):
+        assert torch.equal(x, y)
+    close(avg[0], [9.0, 36.0])
 
 
 def test_robust_dpo_is_unbiased_under_label_flips():
@@ -134,10 +170,11 @@ def two_response_gap_trajectory(loss_type, beta, steps=1000, lr=1.0):
 
 
 def test_ipo_reaches_its_finite_optimum_while_dpo_keeps_growing():
-    for beta in (0.5, 1.0):
-        p1, gaps = two_response_gap_trajectory("ipo", beta, lr=0.1, steps=300)
-        assert p1 == pytest.approx(sig(0.5 / beta), abs=1e-6)
-        assert gaps[-1] == pytest.approx(0.5 / beta, abs=1e-6)
+    # lengths 1: both IPO forms are the same loss here and stop at the logit gap 1/(2 beta)
+    for loss_type, beta in itertools.product(("ipo", "ipo_avg"), (0.5, 1.0)):
+        p1, gaps = two_response_gap_trajectory(loss_type, beta, lr=0.1, steps=300)
+        assert p1 == pytest.approx(sig(0.5 / beta), abs=1e-6), loss_type
+        assert gaps[-1] == pytest.approx(0.5 / beta, abs=1e-6), loss_type
     beta = 0.5
     _, dpo_gaps = two_response_gap_trajectory("sigmoid", beta)
     # deterministic preferences: DPO's optimum is pi(y1) = 1, so the gap never stops growing
@@ -296,26 +333,32 @@ def test_length_normalised_rewards_ignore_repetition_but_dpo_does_not():
 # ----------------------------------------------------------------------------- errors
 
 def test_errors_are_clear():
-    with pytest.raises(ValueError, match="sigmoid, cdpo, robust, hinge, ipo"):
+    with pytest.raises(ValueError, match="sigmoid, cdpo, robust, hinge, ipo, ipo_avg$"):
         dpo(loss_type="dop")
-    with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
-        dpo(loss_type="ipo")
-    with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
-        dpo(loss_type="ipo", chosen_lengths=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="'ipo_avg' needs chosen_lengths and rejected_lengths"):
+        dpo(loss_type="ipo_avg")
+    with pytest.raises(ValueError, match="'ipo_avg' needs chosen_lengths and rejected_lengths"):
+        dpo(loss_type="ipo_avg", chosen_lengths=torch.tensor([1, 1]))
+    close(dpo(loss_type="ipo", beta=0.5)[0], [1.0, 4.0])  # the sequence-level form needs no lengths
     for eps in (0.5, 0.7):
         with pytest.raises(ValueError, match="label_smoothing < 0.5"):
             dpo(loss_type="robust", label_smoothing=eps)
     with pytest.raises(ValueError, match="p_chosen"):
         dpo(loss_type="hinge", p_chosen=t(0.7, 0.2))
-    with pytest.raises(ValueError, match="label_smoothing"):
-        dpo(loss_type="ipo", label_smoothing=0.1, chosen_lengths=torch.tensor([1, 1]),
-            rejected_lengths=torch.tensor([1, 1]))
+    for lt in ("ipo", "ipo_avg", "hinge"):
+        with pytest.raises(ValueError, match=f"label_smoothing has no meaning for loss_type '{lt}'"):
+            dpo(loss_type=lt, label_smoothing=0.1, chosen_lengths=torch.tensor([1, 1]),
+                rejected_lengths=torch.tensor([1, 1]))
+        with pytest.raises(ValueError, match="p_chosen"):
+            dpo(loss_type=lt, p_chosen=t(0.7, 0.2), chosen_lengths=torch.tensor([1, 1]),
+                rejected_lengths=torch.tensor([1, 1]))
 
 
 def test_float32_inputs_and_integer_lengths_keep_dtype():
     pc, pr = torch.tensor([-2.0]), torch.tensor([-3.0])
     for out in (simpo_loss(pc, pr, torch.tensor([2]), torch.tensor([3])),
                 orpo_loss(pc, pr, torch.tensor([2]), torch.tensor([3])),
-                dpo_loss(pc, pr, pc, pr, loss_type="ipo", chosen_lengths=torch.tensor([2]),
+                dpo_loss(pc, pr, pc, pr, loss_type="ipo"),
+                dpo_loss(pc, pr, pc, pr, loss_type="ipo_avg", chosen_lengths=torch.tensor([2]),
                          rejected_lengths=torch.tensor([3]))):
         assert all(x.dtype == torch.float32 and x.shape == (1,) for x in out)

@@ -6,14 +6,66 @@ from tether.errors import TetherError
 
 
 def test_resolve_dtype(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a cuda device object needs no GPU
+    for native in (True, False):
+        monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda native=native: native)
+        # explicit settings are taken as they are, whatever the hardware
+        assert models.resolve_dtype("fp32", cpu) is torch.float32
+        assert models.resolve_dtype("bf16", cpu) is torch.bfloat16
+        # auto on a CPU follows the native-bf16 detector
+        assert models.resolve_dtype("auto", cpu) is (torch.bfloat16 if native else torch.float32)
+        # auto on CUDA asks CUDA, not the CPU detector
+        for cuda_bf16 in (True, False):
+            monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda cuda_bf16=cuda_bf16: cuda_bf16)
+            assert models.resolve_dtype("auto", cuda) is (torch.bfloat16 if cuda_bf16 else torch.float32)
+            assert models.resolve_dtype("fp32", cuda) is torch.float32
+    # resolve_dtype does not validate its argument; a bad value is refused where it enters, by the config
+    from tether.config import SFTConfig, load_config
+
+    with pytest.raises(TetherError, match="fp16"):
+        load_config(SFTConfig, None, {"model.dtype": "fp16"})
+    assert load_config(SFTConfig, None, {"model.dtype": "bf16"}).model.dtype == "bf16"
+
+
+@pytest.mark.parametrize("cpuinfo,native", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", False),
+    ("processor\t: 0\nbugs\t\t: avx512_bf16\nflags\t\t: fpu avx2\n", False),  # only the flags line counts
+    ("processor\t: 0\nflags\t\t: fpu avx512_bf16x\n", False),  # whole flag names, not substrings
+    ("processor\t: 0\n", False),  # no flags line at all
+])
+def test_cpu_has_fast_bf16_reads_the_flags_line(monkeypatch, cpuinfo, native):
+    import io
+
+    opened = []
+
+    def fake_open(path, *a, **k):
+        opened.append(path)
+        return io.StringIO(cpuinfo)
+
+    monkeypatch.setattr(models, "open", fake_open, raising=False)
+    assert models.cpu_has_fast_bf16() is native
+    assert opened == ["/proc/cpuinfo"]
+
+
+def test_cpu_has_fast_bf16_without_proc_cpuinfo(monkeypatch):
+    def missing(path, *a, **k):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(models, "open", missing, raising=False)
+    assert models.cpu_has_fast_bf16() is False
+    assert models.resolve_dtype("auto", torch.device("cpu")) is torch.float32
+
+
+def test_autocast_runs_matmuls_in_the_given_dtype():
     cpu = torch.device("cpu")
-    assert models.resolve_dtype("fp32", cpu) == torch.float32
-    assert models.resolve_dtype("bf16", cpu) == torch.bfloat16
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
-    assert models.resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
-    assert models.resolve_dtype("auto", cpu) == torch.float32
-    assert isinstance(models.autocast(cpu, torch.float32), type(models.autocast(cpu, torch.float32)))
+    x = torch.randn(4, 4)
+    with models.autocast(cpu, torch.float32):
+        assert (x @ x).dtype == torch.float32
+    with models.autocast(cpu, torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16
+    assert (x @ x).dtype == torch.float32  # and only inside the context
 
 
 def test_tiny_model_is_deterministic_and_leaves_global_rng_alone():
@@ -63,3 +115,21 @@ def test_embedded_model_cache_matches_gguf_and_second_load_skips_gguf(monkeypatc
         assert torch.allclose(cached(**enc).logits, reference(**enc).logits, atol=1e-4)
         out = cached.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    """Weights load from safetensors only: a folder holding just a pickled pytorch_model.bin is an error,
+    for causal LMs and reward models alike (unpickling runs arbitrary code)."""
+    import torch
+
+    from tether.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
+
+    model = load_causal_lm("builtin:tiny")
+    tok = load_tokenizer("builtin:tiny")
+    folder = save_pretrained(model, tok, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(TetherError, match="cannot load model"):
+        load_causal_lm(str(folder))
+    with pytest.raises(TetherError, match="as a reward model"):
+        load_reward_model(str(folder))

@@ -1,5 +1,6 @@
 """`tether run`: references between stages, skipping finished stages, resuming a killed pipeline."""
 
+import hashlib
 import json
 import os
 import signal
@@ -156,3 +157,80 @@ def test_a_run_folder_is_locked_while_a_pipeline_uses_it(tmp_path):
         with pytest.raises(TetherError, match="in use by another `tether run`"):
             pipeline.run(recipe, report=False)
     assert not (run / "sft").exists()
+
+
+@pytest.mark.parametrize("name", ["..", "ABS", "a/b", "", None])
+def test_a_stage_name_that_is_not_a_plain_folder_name_is_refused_before_anything_runs(tmp_path, name):
+    """A stage name becomes RUN/<name>, which a rerun deletes: '..' or an absolute path would delete a
+    folder outside the run. Nothing is created or deleted, in the recipe, its base, or the flags."""
+    sentinel = tmp_path / "sentinel"
+    (sentinel / "keep").mkdir(parents=True)
+    name = str(sentinel) if name == "ABS" else name
+    run = tmp_path / "run"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"stages": {name: {"kind": "sft"}}}))
+    with pytest.raises(TetherError, match=rf"r\.yaml: stage name .* is not allowed: use letters, digits, '-' and '_'"):
+        pipeline.run(path, out=str(run))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "r.yaml", "stages": {"sft": {}}}))
+    with pytest.raises(TetherError, match=r"r\.yaml: stage name"):  # an inherited stage names its own recipe
+        pipeline.run(tmp_path / "child.yaml", out=str(run))
+    assert not run.exists() and (sentinel / "keep").is_dir()
+
+
+def test_stage_names_in_flags_and_numbers(tmp_path):
+    """--force/--set name only the recipe's (checked) stages; a YAML number is a name as its digits."""
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  1: {kind: sft}\n")
+    assert list(pipeline.read_recipe(path)["stages"]) == ["1"]
+    run = tmp_path / "run"
+    with pytest.raises(TetherError, match=r"--force \.\.: no such stage"):
+        pipeline.run(path, out=str(run), force=[".."])
+    with pytest.raises(TetherError, match="expected STAGE.KEY=VALUE"):
+        pipeline.run(path, out=str(run), sets=["../x.train.lr=1"])
+    assert not run.exists()
+    path.write_text("stages:\n  1: {kind: sft}\n  '1': {kind: sft}\n")
+    with pytest.raises(TetherError, match="a stage name appears twice"):
+        pipeline.read_recipe(path)
+
+
+def test_a_data_file_edited_in_place_reruns_its_stage(tmp_path):
+    """The stage hash covers the content of the files a stage reads, not only their names: one
+    character changed, with the size and even the mtime restored, reruns the stage; nothing changed
+    skips it."""
+    data = write_jsonl(tmp_path / "demos.jsonl", [chat(f"Say {w}.", f"{w} {w}.") for w in ("yes", "no", "maybe") * 4])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"out": str(tmp_path / "run"), "stages": {"sft": {
+        "model": {"name": "builtin:tiny", "dtype": "fp32"}, "data": {"path": str(data)},
+        "train": {"max_steps": 1, "batch_size": 4, "report_to": "none"}}}}))
+
+    def skipped():
+        assert pipeline.run(path, report=False) == 0
+        return json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"][0].get("skipped", False)
+
+    assert not skipped()
+    assert skipped()
+    st = data.stat()
+    data.write_text(data.read_text().replace("maybe", "mayb3", 1))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+    assert not skipped()
+    assert skipped()
+
+
+def test_input_identity_of_files_and_folders(tmp_path):
+    """A folder outside the run is listed (names, sizes, mtimes), a file is hashed; paths inside the
+    run folder, folders holding it, and strings that are not paths are left out."""
+    run = tmp_path / "run"
+    (run / "sft" / "model").mkdir(parents=True)
+    mine = tmp_path / "my-model"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    tree = {"model": {"name": str(mine)}, "data": {"path": str(run / "sft" / "model"), "x": [str(tmp_path), "cosine", "a" * 5000]}}
+    found = pipeline._input_files(tree, run)
+    assert [f[0] for f in found] == [str(mine)] and [f[0] for f in found[0][1]] == ["config.json"]
+    (mine / "model.safetensors").write_text("w")
+    assert pipeline._input_files(tree, run) != found
+    f = tmp_path / "d.jsonl"
+    f.write_text("ab")
+    (entry,) = pipeline._input_files({"p": str(f)}, run)
+    assert entry[:2] == [str(f), 2] and entry[3] == hashlib.sha256(b"ab").hexdigest()

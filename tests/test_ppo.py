@@ -216,7 +216,7 @@ def word_policy(tmp_path_factory):
     return s["model"]
 
 
-@pytest.mark.parametrize("algo,group", [("ppo", 1), ("grpo", 4), ("rloo", 4)])
+@pytest.mark.parametrize("algo,group", [("ppo", 1), ("grpo", 4), ("rloo", 4), ("reinforce", 1)])
 def test_algorithms_raise_a_simple_reward(tmp_path, word_policy, algo, group):
     cfg = ppo_cfg(tmp_path, algo, **{"model.name": word_policy, "ppo.algo": algo, "rollout.group_size": group,
                                      "rollout.prompts_per_step": 16 // group, "train.max_steps": 10, "ppo.minibatch_size": 8,
@@ -228,13 +228,25 @@ def test_algorithms_raise_a_simple_reward(tmp_path, word_policy, algo, group):
     assert last > first + 0.15, scores
 
 
-# full fine-tuning (separate critic), LoRA (shared-base critic), LoRA with a value head on the policy
-@pytest.mark.parametrize("lora_r,backbone", [(0, "auto"), (4, "auto"), (4, "head")])
-def test_interrupt_and_resume_equals_straight_run(tmp_path, lora_r, backbone):
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """A tiny random reward model folder with the policy's tokenizer."""
+    from tether.models import load_reward_model, save_pretrained
+
+    rm, rtok = load_reward_model("builtin:tiny")
+    return str(save_pretrained(rm, rtok, tmp_path_factory.mktemp("rm")))
+
+
+# full fine-tuning (separate critic), LoRA (shared-base critic), LoRA with a value head on the policy, and a
+# reward model whose scores are normalised by running statistics (which the checkpoint must carry)
+@pytest.mark.parametrize("lora_r,backbone,running", [(0, "auto", False), (4, "auto", False), (4, "head", False), (4, "head", True)])
+def test_interrupt_and_resume_equals_straight_run(tmp_path, lora_r, backbone, running, tiny_rm):
     from safetensors.torch import load_file
 
     flags = {"train.max_steps": 3, "model.lora_r": lora_r, "ppo.grad_accum": 2, "ppo.minibatch_size": 3,
              "ppo.critic_backbone": backbone}
+    if running:
+        flags |= {"reward.model": tiny_rm, "reward.normalize": "running", "ppo.critic_init": "policy"}
     ppo.train(ppo_cfg(tmp_path, "straight", **flags), reward_fn=lowercase_share)
 
     def interrupt(it, run, modules):
@@ -252,16 +264,20 @@ def test_interrupt_and_resume_equals_straight_run(tmp_path, lora_r, backbone):
     assert steps == [1, 2, 3]
 
 
-def test_options_adaptive_kl_ptx_running_norm_kl_loss(tmp_path):
+def test_options_adaptive_kl_ptx_running_norm_kl_loss(tmp_path, tiny_rm):
     """The less common switches run and do what they say on a short tiny run."""
     from tether.losses import rl
 
     cfg = ppo_cfg(tmp_path, "opts", **{"train.max_steps": 2, "model.lora_r": 4, "ppo.adaptive_kl": True, "ppo.kl_target": 0.5,
                                         "ppo.kl_horizon": 10, "ppo.ptx_coef": 0.5, "ppo.kl_in_reward": False,
-                                        "ppo.critic_warmup_steps": 1, "reward.clip": 0.3, "ppo.kl_estimator": "k3"})
+                                        "ppo.critic_warmup_steps": 1, "reward.clip": 0.3, "ppo.kl_estimator": "k3",
+                                        "reward.model": tiny_rm, "reward.normalize": "running", "ppo.critic_init": "policy"})
     s = ppo.train(cfg, reward_fn=lowercase_share)
     ms = [m for m in metrics(tmp_path / "opts") if "objective/scores" in m]
-    assert all("loss/ptx" in m for m in ms[1:]) and "loss/ptx" not in ms[0]   # warm-up iteration trains the critic only
+    # the warm-up iteration trains the critic only: no ptx and no KL loss term
+    assert all("loss/ptx" in m and "loss/kl" in m for m in ms[1:]) and "loss/ptx" not in ms[0] and "loss/kl" not in ms[0]
+    progress = json.loads(next((tmp_path / "opts" / "checkpoints").glob("step-*/progress.json")).read_text())
+    assert progress["reward_running"][0] == 2 * 3  # Welford's count: every RM score of both rollouts (3 prompts each)
     assert all(abs(m["objective/scores"]) <= 0.3 + 1e-6 for m in ms)          # reward clipping
     # the controller moved beta from its start as Ziegler et al.'s rule says for the measured KL
     beta = 0.05
@@ -315,3 +331,147 @@ def test_monitor_catches_a_hacked_proxy_and_keeps_the_best_policy(tmp_path, word
     flags |= {"monitor.stop_on_flag": False, "monitor.keep_best": "none", "train.max_steps": 8, "train.eval_every": 0}
     s = ppo.train(ppo_cfg(tmp_path, "honest", **flags), reward_fn=short_gold)
     assert "gold_falls_while_proxy_rises" not in s["monitor"]["flags"], s["monitor"]
+
+
+def test_running_normalisation_standardises_the_first_batch(tmp_path, tiny_rm):
+    """reward.normalize=running: the first rollout's RM scores are normalised by their own mean and std."""
+    cfg = ppo_cfg(tmp_path, "run", **{"train.max_steps": 1, "model.lora_r": 4, "reward.model": tiny_rm, "reward.normalize": "running",
+                                      "ppo.critic_init": "policy", "rollout.prompts_per_step": 3, "rollout.group_size": 2})
+    ppo.train(cfg)
+    m = [x for x in metrics(tmp_path / "run") if "objective/scores" in x][0]
+    assert m["objective/scores"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_max_grad_norm_zero_means_no_clipping(tmp_path):
+    """train.max_grad_norm=0 means "no clipping", as in every other trainer (it once multiplied every gradient by 0)."""
+    seen = {}
+    cfg = ppo_cfg(tmp_path, **{"model.lora_r": 4, "train.max_steps": 1, "train.max_grad_norm": 0.0})
+    ppo.train(cfg, reward_fn=lowercase_share, on_step=lambda it, run, modules: seen.update(modules=modules))
+    moved = [n for n, p in seen["modules"]["policy"].named_parameters() if "lora_B" in n and ".default." in n and p.abs().sum() > 0]
+    assert moved
+    ms = [x for x in metrics(tmp_path / "ppo") if "train/grad_norm" in x]
+    assert ms[0]["train/grad_norm"] > 0
+
+
+def test_weight_decay_spares_norms_and_biases(tmp_path):
+    """PPO uses the shared optimizer set-up: with a zero reward (no gradient at all) one step of AdamW only
+    decays the matrices, by exactly (1 - lr * weight_decay); norm weights stay as they were."""
+    seen = {}
+    cfg = ppo_cfg(tmp_path, **{"model.lora_r": 0, "ppo.algo": "reinforce", "train.max_steps": 1, "ppo.epochs": 1, "train.weight_decay": 0.5,
+                               "train.lr": 0.1})
+    before = {n: p.detach().clone() for n, p in load_causal_lm("builtin:tiny").named_parameters()}
+    ppo.train(cfg, reward_fn=lambda prompt, response: 0.0, on_step=lambda it, run, modules: seen.update(modules=modules))
+    after = dict(seen["modules"]["policy"].named_parameters())
+    assert any(p.ndim == 1 for p in after.values())
+    for n, p in after.items():
+        want = before[n] * (1 - 0.1 * 0.5) if p.ndim >= 2 else before[n]
+        assert torch.allclose(p.detach(), want, rtol=1e-6, atol=0), n
+
+
+def test_target_kl_stops_the_epochs_early(tmp_path):
+    """ppo.target_kl: once an epoch's mean approx KL passes it, the remaining epochs are skipped. One minibatch
+    per epoch: epoch 0 runs at ratio 1 (KL 0), epoch 1 after an update, so the stop comes after epoch 1."""
+    flags = {"model.lora_r": 4, "train.max_steps": 1, "ppo.epochs": 4, "train.lr": 3e-2}
+    ppo.train(ppo_cfg(tmp_path, "stop", **flags, **{"ppo.target_kl": 1e-9}), reward_fn=lowercase_share)
+    ppo.train(ppo_cfg(tmp_path, "full", **flags), reward_fn=lowercase_share)
+    stop = [m for m in metrics(tmp_path / "stop") if "policy/approxkl" in m][0]
+    full = [m for m in metrics(tmp_path / "full") if "policy/approxkl" in m][0]
+    assert stop["policy/early_stop_epoch"] == 1.0 and "policy/early_stop_epoch" not in full
+    # grad norms are logged once per optimizer step: 2 epochs x 1 minibatch against 4
+    assert stop["policy/approxkl"] > 0 and full["policy/approxkl"] > 0
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_whiten_advantages_switch(tmp_path, monkeypatch, whiten):
+    calls = []
+    real = ppo.rl.masked_whiten
+    monkeypatch.setattr(ppo.rl, "masked_whiten", lambda x, mask, **kw: calls.append(x.clone()) or real(x, mask, **kw))
+    ppo.train(ppo_cfg(tmp_path, **{"model.lora_r": 4, "train.max_steps": 2, "ppo.whiten_advantages": whiten}),
+              reward_fn=lowercase_share)
+    assert len(calls) == (2 if whiten else 0)
+
+
+def test_kl_loss_honours_the_estimator_and_refuses_k1(tmp_path):
+    with pytest.raises(TetherError, match="zero expected gradient"):
+        ppo.train(ppo_cfg(tmp_path, "k1", **{"ppo.kl_in_reward": False, "ppo.kl_estimator": "k1"}), reward_fn=lowercase_share)
+    with pytest.raises(TetherError, match="zero expected gradient"):
+        ppo.train(ppo_cfg(tmp_path, "g1", **{"ppo.algo": "grpo", "ppo.kl_estimator": "k1"}), reward_fn=lowercase_share)
+    assert not (tmp_path / "k1").exists() and not (tmp_path / "g1").exists()
+    # objective/kl is the estimator that is used: compare k2 and k3 against the per-token values recomputed by hand
+    from tether.losses import rl
+
+    assert ppo.kl_setup(load_config(PPOConfig, None, {"ppo.algo": "grpo"}).ppo) == (True, "k3")
+    assert ppo.kl_setup(load_config(PPOConfig, None, {}).ppo) == (False, "k1")
+    assert ppo.kl_setup(load_config(PPOConfig, None, {"ppo.kl_in_reward": False, "ppo.kl_estimator": "k2"}).ppo) == (True, "k2")
+    lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    assert torch.allclose(rl.kl_loss(lp, ref, "k2"), torch.tensor([[0.125, 0.5]]))
+
+
+def test_dr_grpo_normaliser_divides_by_the_generation_budget(tmp_path, monkeypatch):
+    """loss_norm=constant: the policy loss is summed over tokens and divided by sequences x max_new_tokens."""
+    seen = []
+    real = ppo.rl.aggregate
+    monkeypatch.setattr(ppo.rl, "aggregate", lambda x, mask, norm="token", budget=None: seen.append((norm, budget)) or real(x, mask, norm, budget))
+    ppo.train(ppo_cfg(tmp_path, **{"ppo.algo": "grpo", "ppo.grpo_scale_std": False, "ppo.loss_norm": "constant",
+                                   "rollout.group_size": 2, "rollout.prompts_per_step": 3}), reward_fn=lowercase_share)
+    assert seen and all(s == ("constant", 12) for s in seen)
+
+
+def test_critic_starts_from_a_reward_model_with_the_same_vocabulary(tmp_path, tiny_rm):
+    """ppo.critic_init=reward (Huang et al. 2024): the critic is a copy of the RM, so its first values are the RM's
+    per-token scores."""
+    from tether.models import load_reward_model, load_tokenizer, token_scores
+
+    cfg = ppo_cfg(tmp_path, **{"model.lora_r": 0, "reward.model": tiny_rm, "ppo.critic_init": "reward"})
+    tok = load_tokenizer("builtin:tiny")
+    rm, rm_tok = load_reward_model(tiny_rm)
+    critic = ppo.make_critic(cfg, load_causal_lm("builtin:tiny"), tok, rm_tok)
+    assert isinstance(critic, ppo.SeparateCritic)
+    ids = torch.tensor([[1, 504, 2683, 314, 260, 2]])
+    mask, pos = torch.ones_like(ids), torch.arange(6)[None, :]
+    with torch.no_grad():
+        assert torch.allclose(critic(ids, mask, pos), token_scores(rm.eval(), ids, mask, pos), atol=1e-6)
+
+
+def test_own_prompts_without_gold(tmp_path, tiny_rm, capsys):
+    """`tether ppo --prompts FILE --reward-model RM --algo grpo`: no task, no gold scorer; gold metrics are absent."""
+    from conftest import write_jsonl
+    from tether.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Tell me about {w}."} for w in ("cats", "rain", "tea")]
+                          + [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]}])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": "What is snow?"}, {"prompt": "Name a colour."}])
+    out = tmp_path / "out"
+    code = main(["ppo", "--prompts", str(prompts), "--eval-prompts", str(held), "--reward-model", tiny_rm, "--algo", "grpo",
+                 "--model", "builtin:tiny", "--max-steps", "2", "--out", str(out), "--report-to", "none", "--kl-coef", "0.2",
+                 "--dtype", "fp32", "--set", "rollout.max_new_tokens=6", "--set", "rollout.prompts_per_step=2",
+                 "--set", "monitor.window=1", "--set", "sample_every=1"])
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["has_gold"] is False and "eval/gold" not in s and {"eval/score", "eval/score_initial"} <= set(s)
+    rows = metrics(out)
+    assert not any(k.startswith("eval/gold") or k in ("objective/gold", "monitor/gold_delta", "monitor/flag_gold_falls_while_proxy_rises")
+                   for m in rows for k in m)
+    it = [m for m in rows if "objective/scores" in m]
+    assert len(it) == 2 and it[0]["kl/beta"] == 0.2 and "monitor/proxy_delta" in it[1]
+    assert all("gold" not in r for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines()))
+    cfg = load_config(PPOConfig, out / "config.yaml")
+    assert (cfg.ppo.algo, cfg.data.path, cfg.data.eval_path, cfg.reward.model) == ("grpo", str(prompts), str(held), tiny_rm)
+    assert "held-out score" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "   "}, "row 2, field 'prompt': empty prompt"),
+    ({"prompt": 42}, "row 2, field 'prompt': expected a string or a list of messages, got int"),
+    (b'{"prompt": "caf\xff"}', "row 2: not valid UTF-8"),
+])
+def test_bad_prompt_files_exit_2_naming_file_and_row(tmp_path, tiny_rm, capsys, row, message):
+    from tether.cli import main
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n' + (row if isinstance(row, bytes) else json.dumps(row).encode()) + b"\n")
+    code = main(["ppo", "--prompts", str(path), "--reward-model", tiny_rm, "--algo", "grpo", "--model", "builtin:tiny",
+                 "--max-steps", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"tether: error: {path}, {message}") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

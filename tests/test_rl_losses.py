@@ -97,3 +97,64 @@ def test_adaptive_kl_controller():
 def test_entropy():
     assert rl.entropy_from_logits(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))
     assert rl.entropy_from_logits(torch.tensor([[100.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_approxkl_estimates_kl_old_new_from_old_samples():
+    """PPO's approx KL: tokens sampled from pi_old, ratio = pi/pi_old; Schulman's k3 (ratio - 1) - log ratio
+    averages to the exact KL(old || new) of the two categorical distributions."""
+    old, new = torch.tensor([0.8, 0.15, 0.05], dtype=torch.float64), torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)
+    x = torch.multinomial(old, 400_000, replacement=True, generator=torch.Generator().manual_seed(0))[None, :]
+    mask = torch.ones_like(x, dtype=torch.float64)
+    adv = torch.zeros_like(mask)
+    _, stats = rl.ppo_policy_loss(new.log()[x], old.log()[x], adv, mask)
+    exact = (old * (old / new).log()).sum().item()  # KL(old || new) = 0.577
+    assert stats["approxkl"] == pytest.approx(exact, rel=0.01)
+    # the former expm1(-log_ratio) + log_ratio averages to sum(old^2 / new) - 1 - KL(old || new) = 0.638 here
+    wrong = ((old**2 / new).sum() - 1).item() - exact
+    assert abs(wrong - exact) > 0.05 * exact
+
+
+def test_kl_loss_gradients_of_each_estimator():
+    """The expected gradient of each estimator used as a loss (samples held fixed, weighted by pi):
+    k2 -> grad KL(pi || ref), k3 -> grad KL(ref || pi), k1 -> 0 (and refused)."""
+    logits = torch.tensor([0.3, -1.0, 0.8, 0.1], dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([1.0, 0.2, -0.5, 0.0], dtype=torch.float64), 0)
+    tokens = torch.arange(4)[None, :]  # every outcome once; weights pi(x) make the sum an exact expectation
+
+    def expected_grad(kind):
+        logp = torch.log_softmax(logits, 0)
+        weights = logp.exp().detach()
+        per_token = rl.kl_estimate(logp[tokens], ref[tokens], kind)
+        (g,) = torch.autograd.grad((weights * per_token[0]).sum(), logits)
+        return g
+
+    def grad_of(f):
+        (g,) = torch.autograd.grad(f(torch.log_softmax(logits, 0)), logits)
+        return g
+
+    reverse = grad_of(lambda lp: (lp.exp() * (lp - ref)).sum())         # KL(pi || ref)
+    forward = grad_of(lambda lp: (ref.exp() * (ref - lp)).sum())        # KL(ref || pi)
+    assert torch.allclose(expected_grad("k2"), reverse, atol=1e-12)
+    assert torch.allclose(expected_grad("k3"), forward, atol=1e-12)
+    assert torch.allclose(expected_grad("k1"), torch.zeros(4, dtype=torch.float64), atol=1e-12)
+    assert not torch.allclose(reverse, forward, atol=1e-3)
+    with pytest.raises(ValueError, match="zero expected gradient"):
+        rl.kl_loss(ref[tokens], ref[tokens], "k1")
+    assert torch.allclose(rl.kl_loss(ref[tokens], ref[tokens] - 1, "k2"), torch.full((1, 4), 0.5, dtype=torch.float64))
+
+
+def test_token_and_constant_loss_normalisation():
+    """token: mean over the real tokens; constant (Dr. GRPO): sum over (sequences * generation budget)."""
+    x = t([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 0.0, 0.0])
+    mask = t([1, 1, 1, 0], [1, 1, 0, 0])
+    assert rl.aggregate(x, mask, "token").item() == pytest.approx((1 + 2 + 3 + 10 + 20) / 5)
+    assert rl.aggregate(x, mask, "constant", budget=8).item() == pytest.approx((1 + 2 + 3 + 10 + 20) / (2 * 8))
+    with pytest.raises(ValueError, match="budget"):
+        rl.aggregate(x, mask, "constant")
+    # the policy loss goes through the same reduction: with ratio 1 and advantages A, the loss is -A aggregated
+    adv = t([1.0, 1.0, 1.0, 1.0], [-2.0, -2.0, -2.0, -2.0])
+    logp = torch.zeros_like(adv)
+    loss, _ = rl.ppo_policy_loss(logp, logp, adv, mask, norm="constant", budget=4)
+    assert loss.item() == pytest.approx((-1 * 3 + 2 * 2) / (2 * 4))
+    loss, _ = rl.ppo_policy_loss(logp, logp, adv, mask)
+    assert loss.item() == pytest.approx((-1 * 3 + 2 * 2) / 5)

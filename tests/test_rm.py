@@ -1,4 +1,5 @@
 import json
+import math
 import random
 
 import pytest
@@ -51,8 +52,37 @@ def test_noisy_labels_accuracy_reaches_bayes_ceiling(tmp_path):
                                              {"model": s["model"], "data": str(ev), "out": str(tmp_path / "ev")}))
     assert report["bayes_ceiling"] == pytest.approx(1 - flip)          # expected ceiling from the label model
     assert report["accuracy_vs_labels"] == pytest.approx(s["eval/accuracy"], abs=1e-6)
-    assert 0 <= report["ece"] <= 1
+    # the reported ECE is that of the written scores, recomputed here with 10 bins of confidence on [0.5, 1]
+    scores = [json.loads(line) for line in (tmp_path / "ev" / "scores.jsonl").read_text().splitlines()]
+    q = [1 / (1 + math.exp(-(x["r_chosen"] - x["r_rejected"]))) for x in scores]
+    conf = [max(p, 1 - p) for p in q]
+    ece = 0.0
+    for b in range(10):
+        lo, hi = 0.5 + b / 20, 0.5 + (b + 1) / 20
+        idx = [i for i, c in enumerate(conf) if lo <= c < hi or (b == 9 and c == 1.0)]
+        if idx:
+            acc = sum(q[i] > 0.5 for i in idx) / len(idx)
+            ece += len(idx) / len(q) * abs(acc - sum(conf[i] for i in idx) / len(idx))
+    assert len(scores) == 300 and report["ece"] == pytest.approx(ece, abs=1e-9)
     assert report["length_mean"] > 0 and (report["length_slope"] > 0) == (report["length_correlation"] > 0)
+
+
+def test_expected_calibration_error_by_hand():
+    # 2 bins of confidence c = max(q, 1 - q): [0.5, 0.75) and [0.75, 1]; a prediction is right when q > 0.5
+    q = [0.6, 0.7, 0.4, 0.9, 0.8, 0.1]
+    # c = 0.6, 0.7, 0.6 | 0.9, 0.8, 0.9; right = 1, 1, 0 | 1, 1, 0
+    # low bin:  accuracy 2/3, mean confidence 1.9/3 -> |2 - 1.9| / 3 = 1/30, weight 3/6
+    # high bin: accuracy 2/3, mean confidence 2.6/3 -> |2 - 2.6| / 3 = 1/5,  weight 3/6
+    assert eval_rm.expected_calibration_error(q, bins=2) == pytest.approx(0.5 / 30 + 0.5 / 5, abs=1e-12)  # 7/60
+    # 3 bins [0.5, 2/3), [2/3, 5/6), [5/6, 1]: c = 1 falls in the top bin; q = 0.5 would count as wrong
+    q = [0.55, 0.45, 0.7, 0.75, 1.0, 0.0]
+    # c = 0.55, 0.55 | 0.7, 0.75 | 1, 1; right = 1, 0 | 1, 1 | 1, 0
+    # gaps |0.5 - 0.55| = 0.05, |1 - 0.725| = 0.275, |0.5 - 1| = 0.5, each bin weight 1/3
+    assert eval_rm.expected_calibration_error(q, bins=3) == pytest.approx((0.05 + 0.275 + 0.5) / 3, abs=1e-12)  # 0.275
+    assert eval_rm.expected_calibration_error([0.5, 0.5], bins=2) == pytest.approx(0.5)  # ties: confidence 1/2, wrong
+    # calibrated: 3 of 4 right at confidence 3/4, all right at confidence 1
+    assert eval_rm.expected_calibration_error([0.75, 0.75, 0.75, 0.25, 1.0, 1.0], bins=2) == 0.0
+    assert math.isnan(eval_rm.expected_calibration_error([]))
 
 
 def test_least_squares_by_hand():

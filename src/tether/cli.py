@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -28,6 +29,7 @@ COMMON_FLAGS = {
 }
 SWITCHES = {  # store_true flags -> config key
     "resume": ("train.resume", "continue from the newest checkpoint in --out"),
+    "overwrite": ("train.overwrite", "replace a finished run in --out (a tether run folder: emptied first)"),
     "packing": ("data.packing", "pack several examples per row"),
     "verbose": ("train.verbose", "show a rendered example and more logs"),
 }
@@ -55,7 +57,33 @@ def _stage_parser(sub, name: str, cls, help_: str) -> argparse.ArgumentParser:
         p.get_default("flag_keys")["merge"] = "model.merge"
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.warmup_steps=10 (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved config as YAML, every key with its comment, and exit")
     return p
+
+
+ALGOS = ("ppo: clipped PPO with a critic and GAE; grpo: group-normalised advantages, KL as a loss (Shao et al. 2024); "
+         "rloo: leave-one-out baseline (Ahmadian et al. 2024); reinforce: batch-mean baseline")
+
+
+def _ppo_flags(p: argparse.ArgumentParser) -> None:
+    """The flags an RL user looks for first; each sets one config key (all keys: --print-config)."""
+    from tether.config import PPOHyper
+
+    algos = dataclasses.fields(PPOHyper)[0].metadata["choices"]
+    flags = {
+        "algo": ("ppo.algo", str, f"RL algorithm ({ALGOS}); default ppo", algos),
+        "reward_model": ("reward.model", str, "reward model folder (tether rm's OUT/model, or any sequence classifier)", None),
+        "reward_fn": ("reward.function", str, "Python reward package.module:function(prompt, response) -> float (runs that code)", None),
+        "kl_coef": ("ppo.kl_coef", float, "beta, the KL penalty's coefficient", None),
+    }
+    for flag, (key, tp, h, choices) in flags.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=tp, choices=choices, help=h)
+        p.get_default("flag_keys")[flag] = key
+    # your own prompts: --prompts is --data, --eval-prompts is --eval-data
+    p.add_argument("--prompts", dest="data", metavar="FILE", help="your own prompts (prompt-only rows: `prompt` as a string or messages; "
+                   "JSONL/JSON/Parquet/CSV/datasets folder) instead of the task's; no gold scorer then")
+    p.add_argument("--eval-prompts", dest="eval_data", metavar="FILE", help="held-out prompts, answered greedily before and after training")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "label", LabelConfig, "sample K responses per prompt, gold-score them, simulated annotators label pairs")
     _stage_parser(sub, "rm", RMConfig, "train a Bradley-Terry reward model on preference pairs")
     _stage_parser(sub, "eval-rm", EvalRMConfig, "reward model accuracy (labels, gold), Bayes ceiling, calibration, length bias")
-    _stage_parser(sub, "ppo", PPOConfig, "RL against a reward model or function: PPO, GRPO, RLOO (--set ppo.algo=...)")
+    _ppo_flags(_stage_parser(sub, "ppo", PPOConfig, "RL against a reward model or function: PPO, GRPO, RLOO, REINFORCE (--algo)"))
     _stage_parser(sub, "eval", EvalConfig, "models side by side on held-out prompts: gold, checks, RM score, KL, length, win rate")
     # the direct methods share one config (section `direct`); the command sets direct.method
     dpo = _stage_parser(sub, "dpo", DirectConfig, "direct preference optimisation on pairs (DPO, IPO, hinge, robust, cDPO, SimPO)")
-    dpo.add_argument("--loss", choices=("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo"), default=None,
+    dpo.add_argument("--loss", choices=("sigmoid", "ipo", "ipo_avg", "hinge", "robust", "cdpo", "simpo"), default=None,
                      help="direct.loss_type (default sigmoid = DPO; simpo needs no reference model)")
     dpo.get_default("flag_keys")["loss"] = "direct.loss_type"
     kto = _stage_parser(sub, "kto", DirectConfig, "KTO on unpaired desirable/undesirable examples (or pairs, unpaired)")
@@ -119,6 +147,11 @@ def _run_stage(args) -> int:
     if args.command in ("kto", "orpo") and args.out is None and args.config is None:
         overrides["train.out"] = f"runs/{args.command}"  # DirectConfig's default out is runs/dpo
     cfg = load_config(args.config_cls, args.config, overrides, args.sets)
+    if args.print_config:
+        from tether.config import describe
+
+        print(describe(cfg), end="")
+        return 0
     if args.command == "sft":
         from tether.stages import sft
 
@@ -142,8 +175,9 @@ def _run_stage(args) -> int:
 
         s = ppo.train(cfg)
         if s["status"] == "done":
-            print(f"tether: done. policy: {s['model']}  held-out gold {s['eval/gold_initial']:.3f} -> {s['eval/gold']:.3f}  "
-                  f"({s['wall_time_s']:.0f} s)")
+            held = "".join(f"  held-out {k[5:]} {s[k + '_initial']:.3f} -> {s[k]:.3f}" for k in ("eval/gold", "eval/score")
+                           if k in s and k + "_initial" in s)
+            print(f"tether: done. policy: {s['model']}{held}  ({s['wall_time_s']:.0f} s)")
     elif args.command in ("dpo", "kto", "orpo"):
         from tether.stages import direct
 

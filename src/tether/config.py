@@ -30,20 +30,18 @@ class ModelConfig:
     name: str = "builtin:smollm2-135m-instruct"  # builtin:*, a local folder, or a Hugging Face id
     dtype: str = _choice("auto", ("auto", "fp32", "bf16"), "auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
     lora_r: int = 0  # 0 = full fine-tuning
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_alpha: int = 32  # LoRA scaling: the update is (alpha / r) * B @ A
+    lora_dropout: float = 0.0  # dropout on the LoRA input (PPO forces 0, so the first ratio is 1)
     lora_target: str = "all-linear"  # comma-separated module names, or all-linear
     merge: bool = True  # with LoRA: write merged weights to OUT/model (the adapter goes to OUT/adapter)
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-
-
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    trust_remote_code: bool = False  # run Python code shipped with a model folder; off unless you trust its source
 @dataclass
 class DataConfig:
     path: str = "builtin:demos"  # JSONL/JSON/Parquet/CSV file, a `datasets` folder, or builtin:demos
     eval_path: str | None = None  # held-out file; without it `eval_fraction` of `path` is held out
-    eval_fraction: float = 0.1
-    max_length: int = 512
+    eval_fraction: float = 0.1  # share of whole prompts (or rows) held out when there is no eval_path
+    max_length: int = 512  # max tokens per example (prompt + completion)
     overlong: str = _choice("truncate", ("truncate", "drop", "error"), "policy for rows over max_length")
     packing: bool = False  # pack several examples per row (block-diagonal attention, no leakage)
     # preference data: train only on pairs whose annotators agree at least this much,
@@ -53,28 +51,27 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    out: str = "runs/sft"
-    seed: int = 0
+    out: str = "runs/sft"  # the run folder
+    seed: int = 0  # seeds Python, torch and numpy; the data order derives from it
     max_steps: int = 0  # optimizer steps; 0 = derived from epochs
-    epochs: float = 1.0
-    lr: float = 2e-5
+    epochs: float = 1.0  # passes over the data when max_steps is 0
+    lr: float = 2e-5  # peak learning rate
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     schedule: str = _choice("cosine", ("cosine", "linear", "constant"))
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    log_every: int = 1
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    weight_decay: float = 0.0  # AdamW decay, on matrices only (never norms or biases)
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    log_every: int = 1  # write metrics every N optimizer steps
     eval_every: int = 0  # 0 = evaluate only before and after training
     eval_batches: int = 0  # 0 = the whole held-out split
     save_every: int = 50  # checkpoint every N steps (and always on SIGTERM/SIGINT and at the end)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept in OUT/checkpoints
     max_nan_skips: int = 5  # consecutive non-finite steps skipped before the run stops
-    resume: bool = False
+    resume: bool = False  # continue from the newest checkpoint in out
+    overwrite: bool = False  # replace a finished run in `out` (a tether run folder only): emptied first, no stale files
     report_to: str = _choice("tensorboard", ("none", "tensorboard", "wandb", "mlflow"))
-    verbose: bool = False
-
-
+    verbose: bool = False  # show a rendered example and more logs
 @dataclass
 class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -92,9 +89,9 @@ class TaskConfig:
 @dataclass
 class SampleConfig:
     k: int = 4  # responses per prompt
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 96
+    temperature: float = 0.7  # sampling temperature (0 = greedy)
+    top_p: float = 0.9  # nucleus sampling; 1 = off
+    max_new_tokens: int = 96  # response budget; a response without EOS by then is truncated
     batch_size: int = 16  # sequences per generate() call
 
 
@@ -102,25 +99,22 @@ class SampleConfig:
 class PanelConfig:
     """Simulated annotators (tether.tasks.annotators): see the formula there."""
 
-    size: int = 5
+    size: int = 5  # annotators in the panel
     per_pair: int = 3  # annotators voting on each pair; the label is their majority
-    temperature: float = 0.15
+    temperature: float = 0.15  # T: how sharply an annotator follows the gold difference
     length_bias: float = 0.0  # mean logit bonus per 100 characters of extra length
     length_bias_spread: float = 0.1  # per-annotator spread of the length bias
     position_bias: float = 0.3  # logit bonus for the response shown first
-    flip_rate: float = 0.05
-
-
+    flip_rate: float = 0.05  # probability an annotator's vote is flipped at random
 @dataclass
 class LabelConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     panel: PanelConfig = field(default_factory=PanelConfig)
-    out: str = "runs/label"
-    seed: int = 0
-
-
+    out: str = "runs/label"  # the output folder
+    overwrite: bool = False  # replace a finished label run (or one of another config) in `out`; else it continues
+    seed: int = 0  # seeds prompt sampling and the panel's votes
 @dataclass
 class RMLossConfig:
     soft_labels: bool = False  # train on p_chosen (the annotators' vote share) when the data has it
@@ -141,9 +135,10 @@ class RMConfig:
 class EvalRMConfig:
     model: str = ""  # a reward model folder (tether rm's OUT/model, or any sequence classifier)
     data: str = ""  # held-out preference pairs (e.g. tether label's OUT/eval.jsonl)
-    out: str = "runs/eval-rm"
-    batch_size: int = 16
-    max_length: int = 512
+    out: str = "runs/eval-rm"  # the output folder
+    overwrite: bool = False  # replace a finished run in `out` (emptied first)
+    batch_size: int = 16  # conversations per forward
+    max_length: int = 512  # max tokens per scored conversation (the start is cut)
     bins: int = 10  # calibration bins for the expected calibration error
     dtype: str = _choice("auto", ("auto", "fp32", "bf16"))
 
@@ -153,8 +148,8 @@ class RewardConfig:
     """What the policy is rewarded by: a reward model, the task's gold scorer, or a weighted sum."""
 
     model: str = ""  # reward model folder (tether rm's OUT/model or any sequence classifier); "" = none
-    model_weight: float = 1.0
-    gold_weight: float = 0.0  # weight of the task's gold score (a Python reward function)
+    model_weight: float = 1.0  # weight of the reward model's (normalised) score
+    gold_weight: float = 0.0  # weight of the task's gold score (for experiments: the gold is then no longer held out)
     function: str = ""  # package.module:func, func(prompt: str, response: str) -> float, added to the score
     normalize: str = _choice("stored", ("stored", "running", "none"), "stored: the RM's tether_reward_mean/std")
     clip: float = 0.0  # clip the (normalised) score to [-clip, clip]; 0 = off
@@ -163,15 +158,21 @@ class RewardConfig:
     # length-debiased reward model: r - length_slope * (characters - length_center), before normalising;
     # eval-rm measures both on held-out responses (summary keys length_slope, length_mean)
     length_slope: float = 0.0
-    length_center: float = 0.0
+    length_center: float = 0.0  # characters; see length_slope
+@dataclass
+class PromptDataConfig:
+    """Your own prompts for RL, instead of a task's: prompt-only rows (`prompt` as a string or a message list)."""
+
+    path: str = ""  # JSONL/JSON/Parquet/CSV file or `datasets` folder of prompts; "" = the task's prompts
+    eval_path: str = ""  # held-out prompts (scored greedily before and after training); "" = none with your own prompts
 
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = 8
-    group_size: int = 1  # samples per prompt (GRPO / RLOO need >= 2)
+    prompts_per_step: int = 8  # distinct prompts per iteration (each sampled group_size times)
+    group_size: int = 0  # samples per prompt; 0 = 1 for ppo and reinforce, 4 for grpo and rloo (they need >= 2)
     temperature: float = 1.0  # the policy's log-probs use the same temperature, so PPO stays on-policy
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # response budget; a response without EOS by then is truncated
     batch_size: int = 16  # sequences per generate() call
 
 
@@ -181,23 +182,30 @@ class PPOHyper:
     epochs: int = 2  # optimisation epochs over each rollout batch
     minibatch_size: int = 4  # sequences per forward/backward
     grad_accum: int = 1  # minibatches per optimizer step
-    clip: float = 0.2
+    clip: float = 0.2  # epsilon of the clipped surrogate: ratios outside [1 - clip, 1 + clip] get no gradient
     dual_clip: float = 0.0  # 0 = off; e.g. 3.0
-    vf_clip: float = 0.2
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    kl_estimator: str = _choice("k1", ("k1", "k2", "k3"))
-    kl_in_reward: bool = True  # per-token KL penalty in the reward; False = KL as a loss term (k3)
+    vf_clip: float = 0.2  # value updates are clipped to old value +- vf_clip
+    vf_coef: float = 0.1  # weight of the value loss
+    ent_coef: float = 0.0  # entropy bonus (0 = off; RLHF rarely needs one)
+    gamma: float = 1.0  # discount (1 = none: the score arrives at the end)
+    lam: float = 0.95  # GAE lambda: bias-variance trade-off of the advantages
+    whiten_advantages: bool = True  # normalise advantages over the batch (mean 0, std 1)
+    kl_estimator: str = _choice("auto", ("auto", "k1", "k2", "k3"),
+                                "auto: k1 in the reward (its value is unbiased), k3 as a loss (GRPO's); as a loss, k2's "
+                                "gradient is that of KL(pi||ref), k3's that of KL(ref||pi), and k1's is zero in expectation "
+                                "(refused); see tether.losses.rl.kl_loss")
+    kl_in_reward: bool = True  # per-token KL penalty in the reward; False = KL as a loss term (GRPO always uses the loss)
     kl_coef: float = 0.05  # beta
     adaptive_kl: bool = False  # Ziegler et al.'s controller towards kl_target
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
+    kl_target: float = 6.0  # adaptive_kl: the KL per response (nats) the controller steers to
+    kl_horizon: int = 10000  # adaptive_kl: samples over which beta moves by at most 20%
     target_kl: float = 0.0  # stop the epoch early when approx KL passes this; 0 = off
     critic_warmup_steps: int = 0  # iterations that train only the critic
-    grpo_scale_std: bool = True  # False = Dr. GRPO (no division by the group's std)
+    grpo_scale_std: bool = True  # False: no division by the group's std (Dr. GRPO: with loss_norm=constant)
+    loss_norm: str = _choice("token", ("token", "constant"),
+                             "how per-token losses are summed into a minibatch loss: token = mean over the minibatch's "
+                             "real tokens; constant = sum / (sequences * rollout.max_new_tokens), Dr. GRPO's "
+                             "(Liu et al. 2025) length-unbiased normaliser")
     critic_init: str = _choice("reward", ("reward", "policy"), "critic from the reward model (Huang et al. 2024) or the policy")
     critic_backbone: str = _choice("auto", ("auto", "shared", "separate", "head"),
                                    "shared: the critic is its own LoRA adapter on the policy's base (no second model); "
@@ -205,10 +213,8 @@ class PPOHyper:
                                    "the training compute; the value loss also moves the policy); "
                                    "auto: shared with LoRA unless the critic starts from a reward model's weights")
     ptx_coef: float = 0.0  # PPO-ptx: LM loss on ptx_data mixed in (InstructGPT)
-    ptx_data: str = "builtin:demos"
-    max_nan_skips: int = 5
-
-
+    ptx_data: str = "builtin:demos"  # demonstrations for ptx_coef (any SFT data)
+    max_nan_skips: int = 5  # consecutive non-finite minibatches skipped before the run stops
 @dataclass
 class MonitorConfig:
     """Over-optimisation monitor (Gao, Schulman, Hilton 2022): proxy and gold side by side against sqrt(KL)."""
@@ -216,7 +222,7 @@ class MonitorConfig:
     gold_drop: float = 0.02  # flag 'gold falls while proxy rises' when gold drops by more than this ...
     proxy_rise: float = 0.02  # ... while the proxy score rises by more than this
     length_corr: float = 0.5  # flag when |corr(score, response length)| over the window passes this
-    repetition: float = 0.2  # flag when the mean repeated-4-gram share of responses passes this
+    repetition: float = 0.2  # flag when the mean repeated-trigram share of responses passes this
     stop_on_flag: bool = False  # stop the run at the first over-optimisation flag (the best checkpoint is kept)
     keep_best: str = _choice("none", ("none", "gold", "proxy"),
                              "keep OUT/best: the policy with the best held-out gold (eval.gold at eval_every), or best proxy within kl_budget")
@@ -230,24 +236,23 @@ class MonitorConfig:
 @dataclass
 class PPOConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(lora_r=16, lora_alpha=32))
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # prompts and gold scorer, unless data.path names your own prompts
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOHyper = field(default_factory=PPOHyper)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/ppo", lr=1e-4, max_steps=30, save_every=10))
     sample_every: int = 5  # write a sample table to OUT/samples.jsonl every N iterations
-    eval_prompts: int = 32  # held-out prompts scored by gold (greedy) before and after training; 0 = off
+    eval_prompts: int = 32  # held-out prompts answered greedily before and after training (gold, or the reward without one); 0 = off
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass
 class EvalSampleConfig:
     temperature: float = 0.0  # 0 = greedy: the scores in the table come from deterministic responses
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 16
-
-
+    top_p: float = 1.0  # nucleus sampling when temperature > 0; 1 = off
+    max_new_tokens: int = 64  # response budget per prompt
+    batch_size: int = 16  # prompts per generate() call
 @dataclass
 class EvalConfig:
     """`tether eval`: models on held-out prompts of a task, side by side."""
@@ -260,8 +265,9 @@ class EvalConfig:
     kl_samples: int = 1  # responses per prompt sampled at temperature 1 for the KL estimate (and sampled gold); 0 = off
     best_of_n: int = 0  # best-of-n against the reward model from the reference, n = 1, 2, 4, ... up to this; 0 = off
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # thresholds of the flags in results.json
-    out: str = "runs/eval"
-    seed: int = 0
+    out: str = "runs/eval"  # the output folder
+    overwrite: bool = False  # replace a finished run in `out` (emptied first)
+    seed: int = 0  # seeds the temperature-1 samples (KL, best-of-n)
     dtype: str = _choice("auto", ("auto", "fp32", "bf16"))
 
 
@@ -269,14 +275,14 @@ class EvalConfig:
 class DirectHyper:
     """Direct preference methods (tether dpo / kto / orpo); the formulas are in tether.losses.preference."""
     method: str = _choice("dpo", ("dpo", "kto", "orpo"), "set by the command (tether dpo|kto|orpo) or the recipe's kind")
-    loss_type: str = _choice("sigmoid", ("sigmoid", "ipo", "hinge", "robust", "cdpo", "simpo"),
+    loss_type: str = _choice("sigmoid", ("sigmoid", "ipo", "ipo_avg", "hinge", "robust", "cdpo", "simpo"),
                              "tether dpo only; simpo is reference-free")
     beta: float | None = None  # None = the paper's default: 0.1 (DPO family, IPO, KTO), 2.0 (SimPO); unused by ORPO
     label_smoothing: float = 0.0  # eps, the assumed label-flip rate: cdpo and robust need it > 0; also sigmoid, simpo
     gamma: float = 0.5  # SimPO's target margin, in reward units (beta * per-token log-prob), not divided by beta
     lam: float = 0.1  # ORPO: weight of the odds-ratio term next to the SFT loss on chosen
     desirable_weight: float = 1.0  # KTO: keep w_D * n_desirable / (w_U * n_undesirable) in [1, 4/3] (the paper)
-    undesirable_weight: float = 1.0
+    undesirable_weight: float = 1.0  # KTO: weight of undesirable examples (see desirable_weight)
     precompute_ref: bool = True  # reference log-probs once before training, cached in OUT/ref_logps.safetensors
     ref_model: str = ""  # "" = model.name (with LoRA: the same model with its adapter disabled)
     soft_labels: bool = False  # sigmoid/cdpo: train on p_chosen (the annotators' vote share) when the data has it
@@ -432,3 +438,69 @@ def to_dict(cfg) -> dict:
 
 def save_config(cfg, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Self-documenting output: `tether <stage> --print-config`
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """Each field's comment as written in this file: the comment at the end of its line, else the
+    comment lines right above it. (A `_choice` field's `help` takes precedence, in `describe`.)"""
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        src = textwrap.dedent("".join(inspect.getsourcelines(cls)[0]))
+    except (OSError, TypeError):
+        return {}
+    lines = src.splitlines()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for n, line in enumerate(lines, start=1):
+        head = line[4:].split(":", 1)[0] if line.startswith("    ") and not line.startswith("     ") else ""
+        if head not in names or head in out:
+            continue
+        if n in comments:  # a comment on the field's own line
+            out[head] = comments[n]
+            continue
+        above, k = [], n - 1
+        while k in comments and lines[k - 1].strip().startswith("#"):
+            above.insert(0, comments[k])
+            k -= 1
+        if above:
+            out[head] = " ".join(above)
+    return out
+
+
+def _scalar(value) -> str:
+    return yaml.safe_dump([value], default_flow_style=True, width=10**9).strip()[1:-1]
+
+
+def describe(cfg) -> str:
+    """The resolved config as YAML, each key with its comment (its choices first), each section with its
+    docstring: every key is discoverable from the command line, and the output loads back with --config."""
+    lines: list[str] = []
+
+    def walk(obj, indent: str):
+        comments = _field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            note = f.metadata.get("help") or comments.get(f.name, "")
+            if f.metadata.get("choices"):
+                note = f"[{' | '.join(f.metadata['choices'])}] {note}".strip()
+            if dataclasses.is_dataclass(value):
+                doc = (type(value).__doc__ or "").strip()
+                doc = "" if doc.startswith(type(value).__name__ + "(") else doc.split("\n")[0]
+                note = note or doc
+                lines.append(f"{indent}{f.name}:" + (f"  # {note}" if note else ""))
+                walk(value, indent + "  ")
+            else:
+                lines.append(f"{indent}{f.name}: {_scalar(value)}" + (f"  # {note}" if note else ""))
+
+    walk(cfg, "")
+    return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ Formats (as in TRL and the Hugging Face hub):
   messages            {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
   prompt/completion   {"prompt": str | messages, "completion": str | messages}
   text                {"text": str}  (language modelling on every token)
+  prompt only (RL)    {"prompt": str | messages} or {"messages": the conversation so far}
 
 Every row is validated before any training starts. A bad row raises one TetherError naming the file,
 the 1-based row number and the field; the CLI turns it into a one-line message and exit code 2.
@@ -13,9 +14,11 @@ Masks are always built from lengths and spans, never from the pad id (SmolLM2's 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -47,81 +50,138 @@ class Rows:
 
 
 def read_rows(path: str) -> Rows:
-    """Read JSONL, JSON (a list of objects), Parquet, CSV, a `datasets` folder, or a builtin data set."""
+    """Read JSONL, JSON (a list of objects), Parquet, CSV, a `datasets` folder, or a builtin data set.
+
+    Input that cannot be read (not UTF-8, truncated, binary, not the kind of file its name says) is a
+    TetherError naming the file and, where there is one, the row or line, like any bad row.
+    """
     if path in BUILTIN_DATA:
         with resources.as_file(resources.files("tether.assets") / BUILTIN_DATA[path]) as p:
-            return _read_jsonl(p, path)
+            return _checked(_read_jsonl(p, path))
     p = Path(path).expanduser()
     if not p.exists():
         raise TetherError(f"data file not found: {path}")
     if p.is_dir():
-        return _read_datasets_folder(p)
+        return _checked(_read_datasets_folder(p))
     suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(p, str(p))
-    if suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TetherError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise TetherError(f"{p}: expected a JSON list of objects (or JSON Lines in a .jsonl file)")
-        return _checked(Rows(str(p), data, list(range(1, len(data) + 1))))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
+    if suffix not in readers:
+        raise TetherError(f"{p}: unsupported data file type '{suffix}' (use .jsonl, .json, .parquet, .csv or a datasets folder)")
+    return _checked(readers[suffix](p, str(p)))
 
-        data = pq.read_table(p).to_pylist()
-        return Rows(str(p), data, list(range(1, len(data) + 1)))
-    if suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            data = [_decode_csv_cells(r) for r in csv.DictReader(f)]
-        # row 1 of a CSV file is its header, so data row i sits on line i + 1
-        return Rows(str(p), data, list(range(2, len(data) + 2)))
-    raise TetherError(f"{p}: unsupported data file type '{suffix}' (use .jsonl, .json, .parquet, .csv or a datasets folder)")
+
+def _decoded(p: Path, source: str, unit: str) -> str:
+    """The text of a file, a leading BOM dropped (spreadsheets write one). Bytes that are not UTF-8 stop
+    here, naming the line of the first bad byte (as `unit`: 'row' where rows are lines) and its column."""
+    try:
+        return p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # e.object is the file without its BOM; everything before e.start is valid UTF-8
+        lines = re.split(r"\r\n|\r|\n", e.object[: e.start].decode("utf-8"))
+        raise TetherError(f"{source}, {unit} {len(lines)}: not valid UTF-8 "
+                          f"(byte 0x{e.object[e.start]:02x} at column {len(lines[-1]) + 1})") from None
+
+
+def _reason(e: Exception) -> str:
+    """A library's exception as one line, for a message about a file it could not read."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    # some messages end in " at" ("Unterminated string starting at"), written to precede a position
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def _read_jsonl(p: Path, source: str) -> Rows:
     rows, numbers = [], []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TetherError(f"{source}, row {n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            numbers.append(n)
-    return _checked(Rows(source, rows, numbers))
+    for n, line in enumerate(io.StringIO(_decoded(p, source, "row"), newline=""), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            # only the last line of a file can lack its newline: a download cut short ends that way
+            cut = "" if line.endswith(("\n", "\r")) else "; the file ends inside this row: truncated?"
+            raise TetherError(f"{source}, row {n}: invalid JSON ({_json_error(e)}{cut})") from None
+        numbers.append(n)
+    return Rows(source, rows, numbers)
+
+
+def _read_json(p: Path, source: str) -> Rows:
+    try:
+        data = json.loads(_decoded(p, source, "line"))
+    except json.JSONDecodeError as e:
+        raise TetherError(f"{source}, line {e.lineno}: invalid JSON ({_json_error(e)})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise TetherError(f"{source}: expected a JSON list of objects (or JSON Lines in a .jsonl file), got {type(data).__name__}")
+    return Rows(source, data, list(range(1, len(data) + 1)))
+
+
+def _read_parquet(p: Path, source: str) -> Rows:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        data = pq.read_table(p).to_pylist()
+    except (pyarrow.ArrowException, OSError, ValueError) as e:  # ValueError: also text columns that are not UTF-8
+        raise TetherError(f"{source}: not a readable Parquet file ({_reason(e)})") from None
+    return Rows(source, data, list(range(1, len(data) + 1)))
+
+
+def _read_csv(p: Path, source: str) -> Rows:
+    """Each row is numbered by the line it ends on: the header is row 1, and a file without quoted
+    line breaks has data row i on line i + 1 (blank lines are skipped but counted, as in JSONL)."""
+    reader = csv.DictReader(io.StringIO(_decoded(p, source, "row"), newline=""))
+    rows, numbers = [], []
+    try:
+        for r in reader:
+            if None in r:  # DictReader files surplus cells under None: an unquoted comma split a cell
+                raise TetherError(f"{source}, row {reader.line_num}: {len(reader.fieldnames) + len(r[None])} cells but the "
+                                  f"header has {len(reader.fieldnames)} columns (quote cells that contain commas)")
+            rows.append(_decode_csv_cells(r))
+            numbers.append(reader.line_num)
+    except csv.Error as e:
+        raise TetherError(f"{source}, row {numbers[-1] + 1 if numbers else 2}: unreadable CSV ({e})") from None
+    return Rows(source, rows, numbers)
 
 
 def _read_datasets_folder(p: Path) -> Rows:
     import datasets
+    import pyarrow
 
     try:
         ds = datasets.load_from_disk(str(p))
-    except FileNotFoundError as e:
-        raise TetherError(f"{p}: not a datasets folder saved with save_to_disk ({e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise TetherError(f"{p}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
-        ds = ds["train"]
-    data = ds.to_list()
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise TetherError(f"{p}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
+            ds = ds["train"]
+        data = ds.to_list()
+    # what a missing, truncated or garbled file of the folder raises inside `datasets` and pyarrow
+    except (OSError, ValueError, LookupError, TypeError, pyarrow.ArrowException) as e:
+        raise TetherError(f"{p}: not a readable datasets folder saved with save_to_disk ({_reason(e)})") from None
     return Rows(str(p), data, list(range(1, len(data) + 1)))
 
 
+MESSAGE_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
+
+
 def _decode_csv_cells(row: dict) -> dict:
-    """CSV has only text: message lists travel as JSON text; KTO's label as true/false (or 1/0); the
-    numeric columns p_chosen and margin as numbers, an empty cell meaning absent. Anything else that
-    does not parse is left as text, for validation to name."""
+    """CSV has only text. Message lists travel as JSON text, so a cell of a column that may hold one
+    (MESSAGE_COLUMNS) becomes a list when it parses as a non-empty JSON list of objects; any other text,
+    such as the answer '[1, 2, 3]', stays text. KTO's label arrives as true/false (or 1/0), the numeric
+    columns p_chosen and margin as numbers, an empty cell meaning absent. Anything else that does not
+    parse is left as text, for validation to name."""
     out = {}
     for k, v in row.items():
-        if isinstance(v, str) and v.lstrip().startswith("["):
+        if k in MESSAGE_COLUMNS and isinstance(v, str) and v.lstrip().startswith("["):
             try:
-                v = json.loads(v)
+                parsed = json.loads(v)
             except json.JSONDecodeError:
-                pass
+                parsed = None
+            if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
+                v = parsed
         elif k == "label" and isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
             v = v.strip().lower() in ("true", "1")
         elif k in ("p_chosen", "margin") and isinstance(v, str):
@@ -291,6 +351,36 @@ def normalise_unpaired(rows: Rows) -> list[dict]:
         if not isinstance(r["label"], bool):
             raise TetherError(f"{rows.where(i, 'label')}: must be true or false (is the completion desirable?), got {r['label']!r}")
         out.append({"prompt": prompt, "completion": completion, "label": r["label"], "row": rows.numbers[i], "p_chosen": None})
+    return out
+
+
+def normalise_prompts(rows: Rows) -> list[dict]:
+    """Validate prompt-only rows (what RL samples responses to); return {'messages': the prompt as a
+    message list, 'row': the source row number, 'meta': every other column of the row}.
+
+    The prompt is a 'prompt' column (a string, one user message, or a message list) or, without one, a
+    'messages' column holding the conversation so far. Either way the last message must not be the
+    assistant's: answering is the model's turn. With both columns, 'prompt' is the prompt and 'messages'
+    (in some hub data sets the whole conversation, answer included) is kept as metadata.
+    """
+    out = []
+    for i, r in enumerate(rows.rows):
+        field = "prompt" if "prompt" in r else "messages" if "messages" in r else None
+        if field is None:
+            raise TetherError(f"{rows.where(i, 'prompt')}: missing column (prompt data needs 'prompt' or 'messages'; "
+                              f"the columns are {sorted(r)})")
+        v = r[field]
+        if isinstance(v, list) or field == "messages":
+            messages = _messages(v, rows, i, field, need_assistant=False)
+        elif isinstance(v, str):
+            messages = [{"role": "user", "content": v}]
+        else:
+            raise TetherError(f"{rows.where(i, field)}: expected a string or a list of messages, got {type(v).__name__}")
+        if not any(m["content"].strip() for m in messages):
+            raise TetherError(f"{rows.where(i, field)}: empty prompt")
+        if messages[-1]["role"] == "assistant":
+            raise TetherError(f"{rows.where(i, field)}: the last message is the assistant's; a prompt ends where the model is to answer")
+        out.append({"messages": messages, "row": rows.numbers[i], "meta": {k: x for k, x in r.items() if k != field}})
     return out
 
 

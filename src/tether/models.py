@@ -162,7 +162,7 @@ def load_causal_lm(name: str, trust_remote_code: bool = False):
     folder = smollm2_folder() if name == SMOLLM2 else _resolve(name)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None
+            folder, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True  # never unpickle weights
         )
     except OSError as e:
         raise TetherError(f"cannot load model '{name}': {e}") from None
@@ -223,7 +223,7 @@ def load_reward_model(name: str, trust_remote_code: bool = False):
             hf_logging.set_verbosity_error()
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                folder, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+                folder, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
             )
         except (OSError, ValueError) as e:
             raise TetherError(f"cannot load '{name}' as a reward model: {e}") from None

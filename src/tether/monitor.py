@@ -45,8 +45,8 @@ def pearson(x: list[float], y: list[float]) -> float:
     return 0.0 if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
 
 
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
+def _mean(xs: list[float | None]) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
     return sum(xs) / len(xs) if xs else float("nan")
 
 
@@ -57,9 +57,10 @@ class Monitor:
     samples: list[list[tuple[float, int]]] = field(default_factory=list)  # per iteration: (score, length) pairs
     flags: list[Flag] = field(default_factory=list)
 
-    def update(self, step: int, proxy: float, gold: float, kl: float, scores: list[float], lengths: list[int],
+    def update(self, step: int, proxy: float, gold: float | None, kl: float, scores: list[float], lengths: list[int],
                texts: list[str]) -> tuple[dict, list[Flag]]:
-        """Record one iteration; returns (metrics to log, new flags)."""
+        """Record one iteration; returns (metrics to log, new flags). gold is None without a gold scorer:
+        the gold delta and the gold-vs-proxy flag are then absent from the metrics, not zero."""
         w = self.cfg.window
         rep = _mean([repetition(t) for t in texts]) if texts else 0.0
         self.history.append({"step": step, "proxy": proxy, "gold": gold, "kl": kl, "repetition": rep})
@@ -72,7 +73,9 @@ class Monitor:
             last, before = self.history[-w:], self.history[-2 * w : -w]
             d_proxy = _mean([h["proxy"] for h in last]) - _mean([h["proxy"] for h in before])
             d_gold = _mean([h["gold"] for h in last]) - _mean([h["gold"] for h in before])
-            metrics |= {"monitor/proxy_delta": d_proxy, "monitor/gold_delta": d_gold}
+            metrics["monitor/proxy_delta"] = d_proxy
+            if not math.isnan(d_gold):
+                metrics["monitor/gold_delta"] = d_gold
             if d_proxy > self.cfg.proxy_rise and d_gold < -self.cfg.gold_drop:  # NaN gold never flags
                 new.append(Flag(step, "gold_falls_while_proxy_rises",
                                 f"proxy reward +{d_proxy:.3f} but gold {d_gold:+.3f} over the last {w} iterations "
@@ -82,7 +85,8 @@ class Monitor:
             new.append(Flag(step, "length_correlation", f"reward correlates with response length (r = {corr:+.2f}): the reward {what}"))
         if len(self.history) >= w and _mean([h["repetition"] for h in self.history[-w:]]) > self.cfg.repetition:
             new.append(Flag(step, "repetition", f"responses repeat themselves (repeated-trigram share {rep:.2f})"))
-        for f in ("gold_falls_while_proxy_rises", "length_correlation", "repetition"):
+        has_gold = any(h["gold"] is not None and not math.isnan(h["gold"]) for h in self.history)
+        for f in ("gold_falls_while_proxy_rises", "length_correlation", "repetition")[0 if has_gold else 1:]:
             metrics[f"monitor/flag_{f}"] = float(any(x.flag == f for x in new))
         # a condition that persists is reported once per window, not at every iteration
         new = [f for f in new if not any(o.flag == f.flag and step - o.step < w for o in self.flags)]

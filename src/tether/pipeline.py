@@ -22,10 +22,11 @@ label's `train`); `${stage.out}` is its folder. A stage's section is exactly the
 `tether <kind>` (its own `out` is set by the pipeline).
 
 Re-running skips finished stages: RUN/pipeline.json records each stage's status and a hash of its
-resolved config plus the identity of the outputs it read, so editing a stage's config, or rerunning
-one (`--force STAGE`), reruns it and everything downstream of it. A stage that was interrupted
-resumes from its newest checkpoint when its config is unchanged, so a killed pipeline redoes only
-what was not finished.
+resolved config, the identity of the outputs it read and the content of the files it names, so
+editing a stage's config or data file, or rerunning one (`--force STAGE`), reruns it and everything
+downstream of it. A stage that was interrupted resumes from its newest checkpoint when its config is
+unchanged, so a killed pipeline redoes only what was not finished. Stage names are folder names
+(letters, digits, '-' and '_'), checked before anything runs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from tether.runloop import _atomic_write_text
 
 log = logging.getLogger("tether")
 REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\.([A-Za-z0-9_.\-/]+)\}")
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a stage name is a folder name in RUN/: never '..', '/abs' or 'a/b'
 
 
 def _call(module: str, function: str, report: str | None = None) -> Callable[[Any], dict]:
@@ -113,14 +115,26 @@ def _stage_trees(p: Path, seen: tuple = ()) -> tuple[dict, dict]:
         raise TetherError(f"{p}: unknown top-level key(s) {', '.join(sorted(unknown))}; a recipe has name, out, extends, stages")
     if not isinstance(raw.get("stages"), dict) or not raw["stages"]:
         raise TetherError(f"{p}: 'stages' must be a non-empty mapping of stage name -> config")
+    names = [_stage_name(p, name) for name in raw["stages"]]
+    if len(set(names)) < len(names):
+        raise TetherError(f"{p}: a stage name appears twice (as a number and as a string?): {', '.join(names)}")
     trees: dict = {}
     if raw.get("extends"):
         base = p.parent / str(raw["extends"])
         if not base.is_file():
             raise TetherError(f"{p}: extends '{raw['extends']}', but {base} does not exist")
         trees = dict(_stage_trees(base, seen + (p.resolve(),))[1])
-    trees.update(raw["stages"])
+    trees.update(zip(names, raw["stages"].values()))
     return raw, trees
+
+
+def _stage_name(p: Path, name) -> str:
+    """A stage name as a string, checked before anything runs: it becomes RUN/<name>, a folder the
+    pipeline deletes when the stage reruns. A YAML number (`1:`) is fine as its digits."""
+    text = str(name) if isinstance(name, (str, int)) and not isinstance(name, bool) else ""
+    if not STAGE_NAME.fullmatch(text):
+        raise TetherError(f"{p}: stage name {name!r} is not allowed: use letters, digits, '-' and '_' (it names the folder RUN/<stage>)")
+    return text
 
 
 def read_recipe(path: str | Path, sets: list[str] = ()) -> dict:
@@ -133,7 +147,7 @@ def read_recipe(path: str | Path, sets: list[str] = ()) -> dict:
         kind = tree.pop("kind", name)
         if kind not in KINDS:
             raise TetherError(f"{p}: stage '{name}' has unknown kind '{kind}'; kinds: {', '.join(KINDS)} (set `kind:`)")
-        stages[str(name)] = (kind, tree)
+        stages[name] = (kind, tree)
     for s in sets:  # --set STAGE.key=value
         key, value = parse_override(s)
         stage, _, rest = key.partition(".")
@@ -218,7 +232,7 @@ def run(recipe: str | Path, out: str | None = None, force: list[str] = (), sets:
         stage_out = root / name
         resolved = resolve(tree, outputs)
         upstream = sorted({s for s, _ in REF.findall(json.dumps(tree))})
-        digest = _hash(kind, resolved, [outputs[u]["_token"] for u in upstream])
+        digest = _hash(kind, resolved, [outputs[u]["_token"] for u in upstream], _input_files(resolved, root))
         if any(u in forced for u in upstream):
             forced.add(name)  # a rerun upstream stage gives new inputs: downstream reruns too
         prev = old.get(name, {})
@@ -231,10 +245,11 @@ def run(recipe: str | Path, out: str | None = None, force: list[str] = (), sets:
             save()
             print(f"tether: [{name}] finished earlier, skipped (--force {name} reruns it)", file=sys.stderr)
             continue
-        resume = K.resumable and prev.get("hash") == digest and prev.get("status") != "done" and name not in forced
+        resume = (K.resumable and prev.get("hash") == digest and prev.get("status") != "done" and name not in forced
+                  and any((stage_out / "checkpoints").glob("step-*/progress.json")))
         if stage_out.exists() and not resume:
-            shutil.rmtree(stage_out)  # stale: another config, forced, or finished with other inputs
-        sets_ = [f"{K.out_key}={stage_out}"] + (["train.resume=true"] if resume and (stage_out / "checkpoints").exists() else [])
+            shutil.rmtree(stage_out)  # stale: another config or inputs, forced, or nothing to resume from
+        sets_ = [f"{K.out_key}={stage_out}"] + (["train.resume=true", "train.overwrite=false"] if resume else [])
         cfg = load_config(K.config, None, resolved, sets_)
         state["stages"].append({**entry, "status": "running", "started": time.time()})
         save()
@@ -263,9 +278,53 @@ def run(recipe: str | Path, out: str | None = None, force: list[str] = (), sets:
     return 0
 
 
-def _hash(kind: str, resolved: dict, upstream_tokens: list[str]) -> str:
-    blob = json.dumps({"kind": kind, "config": resolved, "inputs": upstream_tokens}, sort_keys=True)
+def _hash(kind: str, resolved: dict, upstream_tokens: list[str], files: list) -> str:
+    blob = json.dumps({"kind": kind, "config": resolved, "inputs": upstream_tokens, "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _input_files(tree, root: Path) -> list:
+    """The content identity of every existing file or folder a config tree names, so that a data file
+    edited in place (same name, same config) reruns its stage: a file gives (path, size, mtime_ns,
+    sha256 of its bytes); a folder (a model of your own) gives its files' (relative path, size,
+    mtime_ns), without reading big weights. Paths inside the run folder are skipped (the upstream
+    stages' tokens cover them), and so is a folder holding the run folder (it would see the run's
+    own writes and never match again)."""
+    strings = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str) and node:
+            strings.append(node)
+
+    walk(tree)
+    run_root, found = root.resolve(), []
+    for s in strings:
+        try:
+            p = Path(s)
+            if not p.exists():
+                continue
+            full = p.resolve()
+        except (OSError, ValueError):  # not a path at all (too long, a NUL byte)
+            continue
+        if full.is_relative_to(run_root) or run_root.is_relative_to(full):
+            continue
+        if p.is_file():
+            digest = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            st = p.stat()
+            found.append([s, st.st_size, st.st_mtime_ns, digest.hexdigest()])
+        elif p.is_dir():
+            stats = {str(f.relative_to(p)): f.stat() for f in p.rglob("*") if f.is_file()}
+            found.append([s, [[name, st.st_size, st.st_mtime_ns] for name, st in sorted(stats.items())]])
+    return found
 
 
 def _timings(state: dict) -> str:

@@ -24,32 +24,51 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
-from tether.config import save_config
+from tether.config import save_config, to_dict
 from tether.errors import TetherError, TrainingDiverged
 
 log = logging.getLogger("tether")
 
 
+RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl")  # a folder with one of these is a tether run folder
+
+
 class Run:
     """A run folder plus its trackers. Use as a context manager: SIGTERM/SIGINT set `stop_requested`
     (the trainer checkpoints and exits cleanly at the end of the current step); a second Ctrl-C
-    interrupts at once."""
+    interrupts at once.
 
-    def __init__(self, out: str | Path, cfg, resume: bool = False, report_to: str = "tensorboard"):
+    A fresh run never mixes with what `out` held before (an old weight shard or a LoRA run's adapter/
+    would otherwise survive beside the new model): it starts in a new or empty folder, or empties a
+    tether run folder first. Work is never deleted unasked: a finished run (summary.json) or
+    checkpoints are refused unless the config says `train.overwrite` (trainers; `overwrite` for label
+    and the evaluations) or `resume` continues them, and a non-empty folder that is not a run folder is
+    refused outright. `continues`: the stage continues an unfinished run by itself (label's samples),
+    which is right only for the config that made it, so a folder recording another config is refused
+    unless overwrite.
+    """
+
+    def __init__(self, out: str | Path, cfg, resume: bool = False, report_to: str = "tensorboard", continues: bool = False):
         self.out = Path(out)
         self.ckpt_dir = self.out / "checkpoints"
         self.t0 = time.time()
         self.stop_requested = False
-        if self.out.exists() and not resume and (self.out / "summary.json").exists():
-            log.warning("%s already holds a finished run; it will be overwritten", self.out)
-        if not resume and self.ckpt_dir.exists() and any(self.ckpt_dir.glob("step-*")):
-            raise TetherError(f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out")
+        trainer = hasattr(cfg, "train")
+        overwrite = bool(getattr(cfg.train if trainer else cfg, "overwrite", False))
+        flag = "--overwrite" if trainer else "--set overwrite=true"
+        if resume and overwrite:
+            raise TetherError(f"{self.out}: --resume continues a run and {flag} replaces it; choose one")
+        if continues and not overwrite:
+            if _records_other_config(self.out, cfg):
+                raise TetherError(f"{self.out} holds a run of another config (see its config.yaml): pass {flag} to "
+                                  "replace it (the folder is emptied first), or choose another --out")
+            resume = True
+        if not resume:
+            _claim_folder(self.out, overwrite, trainer, flag)
         self.out.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a fresh run must not append to the metrics of an older one
-            for stale in ("metrics.jsonl", "summary.json"):
-                (self.out / stale).unlink(missing_ok=True)
         save_config(cfg, self.out / "config.yaml")
         self.start_step = 0
         self._tb = None
@@ -185,6 +204,42 @@ class Run:
         return progress
 
 
+def _claim_folder(out: Path, overwrite: bool, trainer: bool, flag: str) -> None:
+    """Make `out` ready for a fresh run (the rules are in `Run`'s docstring); every refusal comes
+    before anything is deleted."""
+    if out.exists() and not out.is_dir():
+        raise TetherError(f"{out} is a file, not a folder: choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not any((out / m).exists() for m in RUN_MARKERS):
+        raise TetherError(f"{out} is not empty and is not a tether run folder (it has no {', '.join(RUN_MARKERS)}): "
+                          "choose a new or empty --out (tether never writes into or empties other folders)")
+    if not overwrite and (out / "summary.json").exists():
+        options = (f"--resume to continue it, {flag}" if trainer else flag) + " to replace it (the folder is emptied first)"
+        raise TetherError(f"{out} holds a finished run: pass {options}, or choose another --out")
+    if not overwrite and any((out / "checkpoints").glob("step-*")):
+        raise TetherError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, {flag} to start over "
+                          "(the folder is emptied first), or choose another --out")
+    for p in out.iterdir():  # an overwritten run, or an unfinished one with nothing to resume
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _records_other_config(out: Path, cfg) -> bool:
+    """Whether OUT/config.yaml records a config other than `cfg` (the `overwrite` switch aside)."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return True
+    current = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # the same types as a saved config
+    return {k: v for k, v in saved.items() if k != "overwrite"} != {k: v for k, v in current.items() if k != "overwrite"}
+
+
 # --------------------------------------------------------------------------------------------------
 # Guards, schedules, helpers
 
@@ -298,13 +353,20 @@ def _external_tracker(kind: str, out: Path, cfg):
 # The optimisation loop every gradient-based stage shares
 
 
-def make_optimizer(params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(params: list, lr: float, weight_decay: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only: decaying norms and biases hurts, and papers don't."""
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, eps=eps)
+
+
+def clip_gradients(params: list, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to `max_norm` and return the norm before clipping.
+    `max_norm <= 0` means no clipping (the norm is still measured, for logging and the NaN guard):
+    one meaning for `train.max_grad_norm` in every trainer."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
 def training_setup(t, model, n_items: int):
@@ -352,7 +414,7 @@ def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, sta
             t0 = time.time()
             optimizer.zero_grad(set_to_none=True)
             loss, metrics, n_tokens = step_fn(step)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+            grad_norm = clip_gradients(params, t.max_grad_norm)
             if guard.ok(loss, grad_norm):
                 optimizer.step()
             else:

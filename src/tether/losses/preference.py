@@ -74,7 +74,8 @@ def pairwise_from_groups(rewards: torch.Tensor, chosen_idx: torch.Tensor, reject
 # (not averaged) and the rewards; the caller averages and detaches for logging.
 # ---------------------------------------------------------------------------------------------------
 
-DPO_LOSS_TYPES = ("sigmoid", "cdpo", "robust", "hinge", "ipo")
+# ipo is Azar et al.'s sequence-level loss; ipo_avg the per-token (length-averaged) variant TRL ships as "ipo"
+DPO_LOSS_TYPES = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "ipo_avg")
 
 
 def average_logps(sum_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -105,31 +106,38 @@ def dpo_loss(
         robust   [(1 - eps) (-log sigma(beta h)) - eps (-log sigma(-beta h))] / (1 - 2 eps)
                                                        (Chowdhury et al. 2024, "Provably robust DPO"), eps < 0.5
         hinge    max(0, 1 - beta h)                    (Zhao et al. 2023, SLiC-HF)
-        ipo      (h_ipo - 1 / (2 beta))^2,  h_ipo = l_c / |y_c| - l_r / |y_r|
-                                                       (Azar et al. 2023, "A general theoretical paradigm ...")
+        ipo      (h - 1 / (2 beta))^2,  h on SUMMED log-probs: the paper's sequence-level IPO
+                                                       (Azar et al. 2023, "A General Theoretical Paradigm to
+                                                       Understand Learning from Human Preferences", the empirical
+                                                       IPO loss); target 1 / (2 beta) nats per response
+        ipo_avg  (h_avg - 1 / (2 beta))^2,  h_avg = l_c / |y_c| - l_r / |y_r|: a later length-averaged
+                                                       variant, not in the paper (TRL's loss_type="ipo" divides
+                                                       the log-probs by the completion's token count); target
+                                                       1 / (2 beta) nats per token
 
     Label smoothing on `sigmoid` moves the target to p' = (1 - eps) p + eps (1 - p), which for hard
     labels (p = 1) is exactly cdpo; `cdpo` is the same code under the name people ask for, and both
-    take soft labels. `robust` and `hinge`/`ipo` have no soft-label form, so p_chosen is an error there.
-    Rewards are beta * l_c and beta * l_r (for ipo, beta times the length-normalised log-ratios).
+    take soft labels. `robust`, `hinge`, `ipo` and `ipo_avg` have no soft-label form, so p_chosen is
+    an error there. Rewards are beta * l_c and beta * l_r (ipo too); for ipo_avg, beta times the
+    length-averaged log-ratios l / |y|. Only ipo_avg (and no other type) needs the lengths.
     Returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
     if p_chosen is not None and loss_type not in ("sigmoid", "cdpo"):
         raise ValueError(f"p_chosen (soft labels) needs loss_type 'sigmoid' or 'cdpo', not {loss_type!r}")
-    if label_smoothing and loss_type in ("hinge", "ipo"):
+    if label_smoothing and loss_type in ("hinge", "ipo", "ipo_avg"):
         raise ValueError(f"label_smoothing has no meaning for loss_type {loss_type!r}")
     l_c = policy_chosen_logps - ref_chosen_logps
     l_r = policy_rejected_logps - ref_rejected_logps
 
-    if loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("loss_type 'ipo' needs chosen_lengths and rejected_lengths (it length-normalises the log-ratios)")
-        # IPO regresses the margin onto a finite target, so (unlike DPO) it stops pushing once
-        # h_ipo = 1 / (2 beta) even for deterministic preferences; per-token ratios keep long
-        # responses from reaching the target by length alone.
-        l_c, l_r = average_logps(l_c, chosen_lengths), average_logps(l_r, rejected_lengths)
+    if loss_type in ("ipo", "ipo_avg"):
+        if loss_type == "ipo_avg":
+            if chosen_lengths is None or rejected_lengths is None:
+                raise ValueError("loss_type 'ipo_avg' needs chosen_lengths and rejected_lengths (it length-averages the log-ratios)")
+            l_c, l_r = average_logps(l_c, chosen_lengths), average_logps(l_r, rejected_lengths)
+        # IPO regresses the margin onto a finite target, so (unlike DPO) it stops pushing once the
+        # margin is 1 / (2 beta) even for deterministic preferences
         return (l_c - l_r - 1 / (2 * beta)) ** 2, beta * l_c, beta * l_r
 
     chosen_rewards, rejected_rewards = beta * l_c, beta * l_r

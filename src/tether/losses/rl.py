@@ -50,6 +50,47 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") ->
     raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3)")
 
 
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token KL penalty used as a LOSS term (GRPO, Shao et al. 2024; PPO with kl_in_reward off),
+    differentiated through log pi with the sampled tokens held fixed. With y ~ pi and
+    r = pi_ref(y) / pi(y), the expected gradients of the three estimators differ (d/dtheta of the
+    per-token estimator, then E_pi; sum_y pi grad log pi = 0 is used throughout):
+
+        k2 = (log r)^2 / 2      grad = (log pi - log pi_ref) grad log pi  ->  E = grad KL(pi || ref)
+        k3 = (r - 1) - log r    grad = (1 - r) grad log pi                ->  E = grad KL(ref || pi)
+        k1 = -log r             grad = grad log pi                        ->  E = 0
+
+    So k2 is the one whose gradient is that of the reverse KL that RLHF's objective penalises; k3
+    (GRPO's choice) pulls towards the reference through the forward KL, which agrees to second order
+    near pi = pi_ref; k1 as a loss only adds noise, so it is refused (use it in the reward instead,
+    where its *value* is what matters). These are per-token gradients at the visited prefixes: a
+    partial gradient of the sequence-level KL (Tang & Munos 2025, "On a few pitfalls in KL divergence
+    gradient estimation for RL").
+    """
+    if kind == "k1":
+        raise ValueError("the k1 KL estimator has zero expected gradient as a loss term; use k2 or k3 as a loss, "
+                         "or k1 in the reward (kl_in_reward)")
+    return kl_estimate(logp, ref_logp, kind)
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, norm: str = "token", budget: int | None = None) -> torch.Tensor:
+    """Per-token losses (B, T) -> one scalar.
+
+        token     sum(x * mask) / sum(mask)      every real token of the minibatch weighs the same
+        constant  sum(x * mask) / (B * budget)   Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like
+                                                 Training"): a constant normaliser, the generation budget,
+                                                 so a sequence's weight does not depend on its own length
+                                                 or on the lengths of the others in its minibatch
+    """
+    if norm == "token":
+        return masked_mean(x, mask)
+    if norm == "constant":
+        if not budget or budget <= 0:
+            raise ValueError("loss_norm 'constant' needs the generation budget (max_new_tokens > 0)")
+        return (x * mask.to(x.dtype)).sum() / (x.shape[0] * budget)
+    raise ValueError(f"unknown loss normalisation {norm!r} (token, constant)")
+
+
 def kl_penalised_rewards(score: torch.Tensor, kl: torch.Tensor, beta: float, lengths: torch.Tensor) -> torch.Tensor:
     """Per-token rewards of RLHF (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022):
 
@@ -87,14 +128,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2, dual_clip: float | None = None):
+                    clip: float = 0.2, dual_clip: float | None = None, norm: str = "token", budget: int | None = None):
     """Clipped surrogate objective (Schulman et al. 2017), with optional dual clip (Ye et al. 2020):
 
         ratio = exp(logp - old_logp)
         L     = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
         dual  : for A < 0, L = min(L, -A * c)   (c > 1 caps the loss of a runaway ratio)
 
-    Returns (loss, stats) with stats: clipfrac, approxkl (k3 of old vs new, Schulman 2020), ratio mean.
+    The per-token losses are reduced by `aggregate(norm, budget)`. Returns (loss, stats) with stats:
+    clipfrac, approxkl and ratio mean. approxkl estimates KL(pi_old || pi) from the rollout's tokens,
+    which were sampled from pi_old: with ratio = pi / pi_old, Schulman's (2020) k3 is
+    (ratio - 1) - log ratio, unbiased and >= 0 per token.
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -106,10 +150,10 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg2 > pg1).float(), mask).item(),
-            "approxkl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item(),
+            "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
             "ratio_mean": masked_mean(ratio, mask).item(),
         }
-    return masked_mean(loss, mask), stats
+    return aggregate(loss, mask, norm, budget), stats
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -134,8 +178,10 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, scale_std: bool = Tru
 
         A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
 
-    scale_std=False gives Dr. GRPO (Liu et al. 2025), which drops the std division to remove its
-    difficulty bias. Returns (B,), one advantage per sequence.
+    scale_std=False drops the std division, which biases GRPO towards prompts whose rewards barely
+    vary (too easy or too hard); Dr. GRPO (Liu et al. 2025) does that *and* sums the token losses
+    over a constant budget instead of averaging them (`aggregate(norm="constant")`). Returns (B,),
+    one advantage per sequence.
     """
     g = scores.view(-1, group_size)
     centred = g - g.mean(dim=1, keepdim=True)

@@ -1,8 +1,8 @@
 """Direct preference methods: train the policy on preferences themselves, no reward model, no sampling.
 
-  tether dpo --loss sigmoid|ipo|hinge|robust|cdpo|simpo   pairs (prompt, chosen, rejected); simpo needs no reference
-  tether kto                                            unpaired (prompt, completion, label), or pairs unpaired
-  tether orpo                                           pairs; SFT on chosen + lam * odds-ratio loss, no reference
+  tether dpo --loss sigmoid|ipo|ipo_avg|hinge|robust|cdpo|simpo   pairs (prompt, chosen, rejected); simpo needs no reference
+  tether kto                                                    unpaired (prompt, completion, label), or pairs unpaired
+  tether orpo                                                   pairs; SFT on chosen + lam * odds-ratio loss, no reference
 
 The loop, top to bottom: read and validate the data (held-out split by prompt, so no held-out
 example shares a prompt with a training one); tokenise every example as prompt + completion with the
@@ -81,7 +81,7 @@ def check(cfg: DirectConfig) -> DirectConfig:
     if d.loss_type in ("cdpo", "robust") and d.label_smoothing == 0:
         raise TetherError(f"loss_type {d.loss_type} needs direct.label_smoothing > 0 (the assumed label-flip rate, "
                           "e.g. 0.1); with 0 it is plain sigmoid DPO")
-    if d.label_smoothing and (d.method != "dpo" or d.loss_type in ("hinge", "ipo")):
+    if d.label_smoothing and (d.method != "dpo" or d.loss_type in ("hinge", "ipo", "ipo_avg")):
         raise TetherError(f"direct.label_smoothing has no meaning for {d.method if d.method != 'dpo' else d.loss_type}")
     if d.soft_labels and (d.method != "dpo" or d.loss_type not in ("sigmoid", "cdpo")):
         raise TetherError("direct.soft_labels needs tether dpo with loss_type sigmoid or cdpo")

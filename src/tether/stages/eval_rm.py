@@ -92,14 +92,24 @@ def score_pairs(model, tok, pairs: list[dict], batch_size: int, max_length: int,
 def evaluate_rm(cfg: EvalRMConfig) -> dict:
     if not cfg.model or not cfg.data:
         raise TetherError("eval-rm needs --model RM_FOLDER and --data PAIRS.jsonl")
+    rows = D.read_rows(cfg.data)  # the data first: a bad file fails before a model is loaded or a folder written
+    pairs = D.normalise_preferences(rows)
+    extra = {n: r for n, r in zip(rows.numbers, rows.rows)}
     device = default_device()
     dtype = resolve_dtype(cfg.dtype, device)
     model, tok = load_reward_model(cfg.model)
     model.to(device).eval()
-    rows = D.read_rows(cfg.data)
-    pairs = D.normalise_preferences(rows)
-    extra = {n: r for n, r in zip(rows.numbers, rows.rows)}
-    rc, rr = score_pairs(model, tok, pairs, cfg.batch_size, cfg.max_length, device, dtype)
+    with Run(cfg.out, cfg, report_to="none") as run:  # refuses a finished run's folder before any scoring
+        rc, rr = score_pairs(model, tok, pairs, cfg.batch_size, cfg.max_length, device, dtype)
+        out = _metrics(cfg, pairs, extra, rc, rr)
+        with open(run.out / "scores.jsonl", "w") as f:
+            for p, c, r in zip(pairs, rc, rr):
+                f.write(json.dumps({"row": p["row"], "r_chosen": c, "r_rejected": r}) + "\n")
+        return run.finish({"stage": "eval-rm", "status": "done", "model": cfg.model, "data": cfg.data, **out})
+
+
+def _metrics(cfg: EvalRMConfig, pairs: list[dict], extra: dict, rc: list[float], rr: list[float]) -> dict:
+    """Accuracy (labels, gold), Bayes ceiling, ECE and the reward's length dependence from the pairs' rewards."""
     delta = [c - r for c, r in zip(rc, rr)]
     q = [1 / (1 + math.exp(-d)) if d > -50 else 0.0 for d in delta]
 
@@ -130,12 +140,7 @@ def evaluate_rm(cfg: EvalRMConfig) -> dict:
     out["length_mean"] = sum(lengths) / len(lengths)
     out["reward_mean"] = sum(rewards) / len(rewards)
     out["reward_std"] = math.sqrt(sum((x - out["reward_mean"]) ** 2 for x in rewards) / max(1, len(rewards) - 1))
-
-    with Run(cfg.out, cfg, resume=True, report_to="none") as run:
-        with open(run.out / "scores.jsonl", "w") as f:
-            for p, c, r in zip(pairs, rc, rr):
-                f.write(json.dumps({"row": p["row"], "r_chosen": c, "r_rejected": r}) + "\n")
-        return run.finish({"stage": "eval-rm", "status": "done", "model": cfg.model, "data": cfg.data, **out})
+    return out
 
 
 def format_report(s: dict) -> str:

@@ -101,7 +101,7 @@ def run_label(cfg: LabelConfig) -> dict:
     panel = Panel(**dataclasses.asdict(cfg.panel), seed=cfg.seed)
     summary: dict = {"stage": "label", "status": "done", "task": cfg.task.name, "k": cfg.sample.k}
     all_votes = []
-    with Run(cfg.out, cfg, resume=True, report_to="none") as run:
+    with Run(cfg.out, cfg, continues=True, report_to="none") as run:  # continues its samples
         for split, n in (("train", cfg.task.num_prompts), ("eval", cfg.task.num_eval_prompts)):
             prompts = task.prompts(split)
             prompts = subset(prompts, n, f"{cfg.seed}-{split}-prompts")  # across categories, not the file's first n

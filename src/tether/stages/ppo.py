@@ -34,7 +34,7 @@ from tether.monitor import Monitor
 from tether.models import (apply_lora, autocast, default_device, load_causal_lm, load_reward_model, load_tokenizer,
                            resolve_dtype, save_pretrained, score_conversations, token_scores)
 from tether.rollout import generate, join, policy_forward, sample_batch, trunk
-from tether.runloop import NanGuard, Run, make_scheduler, seed_everything
+from tether.runloop import NanGuard, Run, clip_gradients, make_optimizer, make_scheduler, seed_everything
 from tether.tasks import load_task, subset
 
 log = logging.getLogger("tether")
@@ -163,11 +163,13 @@ def make_critic(cfg: PPOConfig, policy, tok, rm_tok=None):
 
 
 class Scorer:
-    """r(x, y) as configured: reward model * w_rm + gold * w_gold + python_function."""
+    """r(x, y) as configured: reward model * w_rm + gold * w_gold + python_function; a truncated
+    response (no EOS) scores `missing_eos_penalty` instead, unless `score_truncated`."""
 
     def __init__(self, cfg: PPOConfig, task, device, dtype, reward_fn=None):
         r = cfg.reward
         self.cfg, self.task, self.device, self.dtype, self.fn = r, task, device, dtype, reward_fn
+        self.has_gold = task is not None and getattr(task, "has_gold", True)
         self.rm = self.rm_tok = None
         self.mean, self.std = 0.0, 1.0
         if r.model:
@@ -177,12 +179,16 @@ class Scorer:
                 self.mean = getattr(self.rm.config, "tether_reward_mean", 0.0)
                 self.std = getattr(self.rm.config, "tether_reward_std", 1.0) or 1.0
         if not (r.model or r.gold_weight or reward_fn):
-            raise TetherError("ppo needs a reward: --set reward.model=RM_FOLDER and/or reward.gold_weight=1")
-        self.running = [0, 0.0, 0.0]  # count, mean, M2 (Welford) for normalize=running
+            raise TetherError("ppo needs a reward: --reward-model RM_FOLDER, --reward-fn module:function and/or "
+                              "--set reward.gold_weight=1")
+        if r.gold_weight and not self.has_gold:
+            raise TetherError("reward.gold_weight needs a task with a gold scorer; your own prompts have none")
+        self.running = [0, 0.0, 0.0]  # count, mean, M2 (Welford) for normalize=running; checkpointed
 
     @torch.no_grad()
-    def __call__(self, prompts, texts: list[str], finished: list[bool]) -> tuple[torch.Tensor, list[float]]:
-        """(scores (B,), gold (B,)). Gold is computed whenever the task has a scorer, for monitoring."""
+    def __call__(self, prompts, texts: list[str], finished: list[bool], update: bool = True) -> tuple[torch.Tensor, list[float] | None]:
+        """(scores (B,), gold (B,) or None without a gold scorer). Gold is computed whenever the task has
+        a scorer, for monitoring. update=False leaves the running normalisation as it is (held-out scoring)."""
         B = len(texts)
         score = torch.zeros(B)
         if self.rm is not None:
@@ -191,37 +197,78 @@ class Scorer:
             rm = score_conversations(self.rm, self.rm_tok, convs, self.device, self.dtype, batch_size=B, max_length=1024)
             if self.cfg.length_slope:  # a length-debiased RM: its linear length component taken out
                 rm = rm - self.cfg.length_slope * (torch.tensor([float(len(t)) for t in texts]) - self.cfg.length_center)
-            score += self.cfg.model_weight * self._normalise(rm)
-        gold = [self.task.gold(p, t, f).score for p, t, f in zip(prompts, texts, finished)] if self.task is not None else [float("nan")] * B
+            score += self.cfg.model_weight * self._normalise(rm, update)
+        gold = [self.task.gold(p, t, f).score for p, t, f in zip(prompts, texts, finished)] if self.has_gold else None
         if self.cfg.gold_weight:
             score += self.cfg.gold_weight * torch.tensor(gold)
         if self.fn is not None:
             score += torch.tensor([float(self.fn(p.text, t)) for p, t in zip(prompts, texts)])
         if self.cfg.clip:
             score = score.clamp(-self.cfg.clip, self.cfg.clip)
+        if not self.cfg.score_truncated:
+            score = torch.where(torch.tensor(finished, dtype=torch.bool), score, torch.full_like(score, self.cfg.missing_eos_penalty))
         return score, gold
 
-    def _normalise(self, r: torch.Tensor) -> torch.Tensor:
-        if self.cfg.normalize == "running":
-            for x in r.tolist():  # Welford's online mean and variance
-                n, mean, m2 = self.running
-                n += 1
-                d = x - mean
-                mean += d / n
-                self.running = [n, mean, m2 + d * (x - mean)]
+    def _normalise(self, r: torch.Tensor, update: bool = True) -> torch.Tensor:
+        if self.cfg.normalize != "running":
+            return (r - self.mean) / self.std
+        for x in r.tolist() if update else []:  # Welford's online mean and variance
             n, mean, m2 = self.running
-            return (r - mean) / (math.sqrt(m2 / (n - 1)) if n > 1 and m2 > 0 else 1.0)
-        return (r - self.mean) / self.std
+            n += 1
+            d = x - mean
+            mean += d / n
+            self.running = [n, mean, m2 + d * (x - mean)]
+        n, mean, m2 = self.running
+        return (r - mean) / (math.sqrt(m2 / (n - 1)) if n > 1 and m2 > 0 else 1.0)
 
 
 def load_reward_fn(spec: str):
+    """`package.module:function`, called as function(prompt: str, response: str) -> float. Importing it
+    runs that module's code: a recipe naming one is code (README, "A recipe is code")."""
     if not spec:
         return None
     module, _, name = spec.partition(":")
+    if not module or not name:
+        raise TetherError(f"reward.function '{spec}': expected package.module:function")
     try:
-        return getattr(importlib.import_module(module), name)
+        fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise TetherError(f"cannot load reward function '{spec}': {e}") from None
+    if not callable(fn):
+        raise TetherError(f"reward.function '{spec}' is not callable")
+    return fn
+
+
+def group_size(cfg: PPOConfig) -> int:
+    """Samples per prompt: rollout.group_size, or (0 = auto) 4 for the group-baseline algorithms, else 1."""
+    G = cfg.rollout.group_size or (4 if cfg.ppo.algo in ("grpo", "rloo") else 1)
+    if cfg.ppo.algo in ("grpo", "rloo") and G < 2:
+        raise TetherError(f"{cfg.ppo.algo} needs rollout.group_size >= 2 samples per prompt (0 = 4)")
+    return G
+
+
+def kl_setup(P) -> tuple[bool, str]:
+    """(KL as a loss term?, its estimator). GRPO always puts the KL in the loss (Shao et al. 2024);
+    the others put it in the reward unless kl_in_reward is off. `auto` picks k1 in the reward (an
+    unbiased value) and k3 as a loss (GRPO's); k1 as a loss has zero expected gradient (losses.rl.kl_loss)."""
+    as_loss = P.algo == "grpo" or not P.kl_in_reward
+    est = P.kl_estimator if P.kl_estimator != "auto" else ("k3" if as_loss else "k1")
+    if as_loss and est == "k1":
+        raise TetherError("ppo.kl_estimator=k1 as a KL loss term has zero expected gradient (it would not hold the "
+                          "policy near the reference): use k2 (the gradient of KL(pi||ref)) or k3 (GRPO's), or put the "
+                          "KL in the reward (ppo.kl_in_reward=true; not available for grpo)")
+    return as_loss, est
+
+
+def load_prompts_task(cfg: PPOConfig):
+    """The task whose prompts RL samples: your own prompt file (data.path, no gold scorer) or cfg.task."""
+    if cfg.data.path:
+        from tether.tasks.prompts import PromptFileTask
+
+        return PromptFileTask(cfg.data.path, cfg.data.eval_path)
+    if cfg.data.eval_path:
+        raise TetherError("data.eval_path (--eval-prompts) needs data.path (--prompts): your own train prompts")
+    return load_task(cfg.task.name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,12 +278,21 @@ def load_reward_fn(spec: str):
 def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     t, P, R = cfg.train, cfg.ppo, cfg.rollout
     algo = P.algo
-    if algo in ("grpo", "rloo") and R.group_size < 2:
-        raise TetherError(f"{algo} needs rollout.group_size >= 2 samples per prompt")
+    G = group_size(cfg)
+    kl_as_loss, kl_est = kl_setup(P)
+    task = load_prompts_task(cfg)  # before anything is loaded or written: bad prompt files fail fast
+    has_gold = getattr(task, "has_gold", True)
+    if not has_gold:
+        if cfg.monitor.keep_best == "gold":
+            raise TetherError("monitor.keep_best=gold needs a gold scorer; your own prompts have none (use keep_best=proxy)")
+        log.info("these prompts have no gold scorer: gold metrics and the gold-vs-proxy check are off (absent, not zero)")
+    prompts_all = subset(task.prompts("train"), cfg.task.num_prompts, "train-prompts")
+    if not prompts_all:
+        raise TetherError(f"no train prompts in {cfg.data.path or cfg.task.name}")
+    held_out = subset(task.prompts("eval"), cfg.eval_prompts, "eval-prompts") if cfg.eval_prompts else []
     seed_everything(t.seed)
     device = default_device()
     dtype = resolve_dtype(cfg.model.dtype, device)
-    task = load_task(cfg.task.name)
     tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     tok.padding_side = "left"
 
@@ -259,11 +315,10 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
 
     modules = torch.nn.ModuleDict({"policy": policy} | ({"critic": critic} if critic is not None else {}))
     params = [p for p in modules.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, eps=1e-5, weight_decay=t.weight_decay)  # eps 1e-5 as in CleanRL
+    # the shared optimizer set-up (no decay on norms and biases); eps 1e-5 as in CleanRL's PPO
+    optimizer = make_optimizer(params, t.lr, t.weight_decay, eps=1e-5)
     scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, t.max_steps)
     guard = NanGuard(P.max_nan_skips)
-    prompts_all = task.prompts("train")
-    held_out = subset(task.prompts("eval"), cfg.eval_prompts, "eval-prompts") if cfg.eval_prompts else []
     beta = P.kl_coef
     ref_length = 0.0  # mean response length of the first rollout: the reference point for length drift
     monitor = Monitor(cfg.monitor)
@@ -276,16 +331,17 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             progress = run.load_checkpoint(modules, optimizer, scheduler, guard)
             it, beta, best, ref_length = progress["step"], progress["beta"], progress["best"], progress["ref_length"]
             monitor.load_state(progress["monitor"])
+            scorer.running = progress.get("reward_running", scorer.running)  # normalize=running continues where it stopped
         log.info("%s: %d iterations x %d prompts x %d samples, dtype %s", algo.upper(), t.max_steps, R.prompts_per_step,
-                 R.group_size, str(dtype).replace("torch.", ""))
+                 G, str(dtype).replace("torch.", ""))
         if it == 0 and held_out:
-            run.log(0, {"eval/gold": heldout_gold(policy, tok, task, held_out, R, device, dtype)})
+            run.log(0, heldout_eval(policy, tok, task, held_out, R, device, dtype, scorer))
         while it < t.max_steps:
             timings = {}
             # ---- 1. rollout ---------------------------------------------------------------------
             t0 = time.time()
             order = torch.randperm(len(prompts_all), generator=torch.Generator().manual_seed(t.seed * 7919 + it))
-            prompts = [prompts_all[i] for i in order[: R.prompts_per_step].tolist() for _ in range(R.group_size)]
+            prompts = [prompts_all[i] for i in order[: R.prompts_per_step].tolist() for _ in range(G)]
             with autocast(device, dtype):  # bf16 sampling; the log-probs below are recomputed, so the ratio stays exact
                 batch = sample_batch(policy, tok, prompts, R, device)
             timings["time/generate"] = time.time() - t0
@@ -308,32 +364,31 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             # ---- 3. score -----------------------------------------------------------------------
             t0 = time.time()
             texts, finished = batch["texts"], batch["finished"]
-            score, gold = scorer(prompts, texts, finished.tolist())
-            if not cfg.reward.score_truncated:
-                score = torch.where(finished, score, torch.full_like(score, cfg.reward.missing_eos_penalty))
+            score, gold = scorer(prompts, texts, finished.tolist())  # truncated responses: the penalty
             score = score.to(device)
             timings["time/score"] = time.time() - t0
             # ---- 4. rewards and 5. advantages ---------------------------------------------------
-            kl = rl.kl_estimate(old_logp, ref_logp, P.kl_estimator) * mask
+            kl = rl.kl_estimate(old_logp, ref_logp, kl_est) * mask  # per token; in the reward or (kl_as_loss) logged
             seq_kl = kl.sum(1)
             if algo == "ppo":
-                rewards = rl.kl_penalised_rewards(score, kl if P.kl_in_reward else torch.zeros_like(kl), beta, lengths)
+                rewards = rl.kl_penalised_rewards(score, torch.zeros_like(kl) if kl_as_loss else kl, beta, lengths)
                 adv, returns = rl.gae(rewards, old_values, mask, P.gamma, P.lam)
                 if P.whiten_advantages:
                     adv = rl.masked_whiten(adv, mask)
             else:
-                seq_reward = score - (beta * seq_kl if P.kl_in_reward and algo != "grpo" else 0.0)
+                seq_reward = score - (0.0 if kl_as_loss else beta * seq_kl)
                 if algo == "grpo":
-                    a = rl.grpo_advantages(seq_reward, R.group_size, P.grpo_scale_std)
+                    a = rl.grpo_advantages(seq_reward, G, P.grpo_scale_std)
                 elif algo == "rloo":
-                    a = rl.rloo_advantages(seq_reward, R.group_size)
+                    a = rl.rloo_advantages(seq_reward, G)
                 else:
                     a = seq_reward - seq_reward.mean()
                 adv, returns = a[:, None] * mask, None
             # ---- 6. optimise --------------------------------------------------------------------
             t0 = time.time()
             stats = optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values,
-                             adv, returns, beta, it < P.critic_warmup_steps, ptx, tok, device, dtype)
+                             adv, returns, beta, it < P.critic_warmup_steps, ptx, tok, device, dtype,
+                             kl_est if kl_as_loss else None)
             scheduler.step()
             timings["time/train"] = time.time() - t0
             # ---- 7. KL control, metrics, samples, checkpoints -----------------------------------
@@ -347,14 +402,14 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 "objective/scores": score.mean().item(), "objective/kl": mean_kl,
                 "objective/entropy": stats.pop("entropy"), "objective/non_score_reward": non_score,
                 "objective/rlhf_reward": score.mean().item() + non_score,
-                "objective/gold": sum(gold) / len(gold), "kl/beta": beta,
+                **({"objective/gold": sum(gold) / len(gold)} if gold is not None else {}), "kl/beta": beta,
                 "response/length_mean": lengths.float().mean().item(), "response/eos_rate": finished.float().mean().item(),
                 **stats, **timings, "throughput/tokens_per_s": n_tokens / max(1e-9, sum(timings.values())),
                 "train/lr": scheduler.get_last_lr()[0], "train/nan_skipped": guard.total,
             }
             # ---- over-optimisation monitor (proxy vs gold vs sqrt KL, length, repetition) ------
             done = finished.tolist()
-            mon, flags = monitor.update(it, metrics["objective/scores"], metrics["objective/gold"], mean_kl,
+            mon, flags = monitor.update(it, metrics["objective/scores"], metrics.get("objective/gold"), mean_kl,
                                         [x for x, d in zip(score.tolist(), done) if d], [n for n, d in zip(lengths.tolist(), done) if d], texts)
             metrics |= mon
             run.log(it, metrics)
@@ -364,23 +419,25 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                     fh.write(json.dumps(f.__dict__) + "\n")
             ref_length = ref_length or metrics["response/length_mean"]
             warn(metrics, ref_length)
-            print(f"{algo} {it}/{t.max_steps}  score {metrics['objective/scores']:+.3f}  gold {metrics['objective/gold']:.3f}  "
+            gold_txt = f"gold {metrics['objective/gold']:.3f}  " if gold is not None else ""
+            print(f"{algo} {it}/{t.max_steps}  score {metrics['objective/scores']:+.3f}  {gold_txt}"
                   f"kl {mean_kl:.3f}  len {metrics['response/length_mean']:.1f}  "
                   f"gen {timings['time/generate']:.1f}s fwd {timings['time/forward']:.1f}s score {timings['time/score']:.1f}s "
                   f"train {timings['time/train']:.1f}s",
                   file=sys.stderr, flush=True)
             if cfg.sample_every and it % cfg.sample_every == 0:
-                table = [{"step": it, "prompt": p.text, "response": txt, "score": s, "gold": g}
-                         for p, txt, s, g in list(zip(prompts, texts, score.tolist(), gold))[:8]]
+                table = [{"step": it, "prompt": p.text, "response": txt, "score": s, **({"gold": gold[i]} if gold is not None else {})}
+                         for i, (p, txt, s) in enumerate(list(zip(prompts, texts, score.tolist()))[:8])]
                 with open(run.out / "samples.jsonl", "a") as f:
                     f.write("".join(json.dumps(r) + "\n" for r in table))
-                run.log_text(it, "samples", "| prompt | response | score | gold |\n|---|---|---|---|\n" + "\n".join(
-                    f"| {_cell(r['prompt'])} | {_cell(r['response'])} | {r['score']:.3f} | {r['gold']:.3f} |" for r in table))
+                cols = ["prompt", "response", "score"] + (["gold"] if gold is not None else [])
+                run.log_text(it, "samples", "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|\n" + "\n".join(
+                    "| " + " | ".join(_cell(r[c]) if isinstance(r[c], str) else f"{r[c]:.3f}" for c in cols) + " |" for r in table))
             value = None
             if t.eval_every and it % t.eval_every == 0 and held_out:
-                g = heldout_gold(policy, tok, task, held_out, R, device, dtype)
-                run.log(it, {"eval/gold": g})
-                value = g if cfg.monitor.keep_best == "gold" else None
+                ev = heldout_eval(policy, tok, task, held_out, R, device, dtype, scorer)
+                run.log(it, ev)
+                value = ev.get("eval/gold") if cfg.monitor.keep_best == "gold" else None
             if cfg.monitor.keep_best == "proxy" and (not cfg.monitor.kl_budget or mean_kl <= cfg.monitor.kl_budget):
                 value = metrics["objective/scores"]
             if value is not None and (best["value"] is None or value > best["value"]):
@@ -393,21 +450,24 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 stopped_early = f"over-optimisation flagged at iteration {it}"
                 log.warning("monitor: stopping (%s); the best policy so far is in %s", stopped_early, run.out / "best")
                 break
-            progress = {"beta": beta, "nan_skipped": guard.total, "best": best, "ref_length": ref_length, "monitor": monitor.state()}
+            progress = {"beta": beta, "nan_skipped": guard.total, "best": best, "ref_length": ref_length, "monitor": monitor.state(),
+                        "reward_running": scorer.running}
             if run.stop_requested or (t.save_every and it % t.save_every == 0 and it < t.max_steps):
                 run.save_checkpoint(it, modules, optimizer, scheduler, progress, t.keep_checkpoints)
             if run.stop_requested:
                 print(f"tether: stopped at iteration {it}; checkpoint saved. Continue with --resume.", file=sys.stderr)
                 return {"status": "interrupted", "step": it}
-        progress = {"beta": beta, "nan_skipped": guard.total, "best": best, "ref_length": ref_length, "monitor": monitor.state()}
+        progress = {"beta": beta, "nan_skipped": guard.total, "best": best, "ref_length": ref_length, "monitor": monitor.state(),
+                    "reward_running": scorer.running}
         run.save_checkpoint(it, modules, optimizer, scheduler, progress, t.keep_checkpoints)
-        final_gold = heldout_gold(policy, tok, task, held_out, R, device, dtype) if held_out else float("nan")
-        if held_out:
-            run.log(it, {"eval/gold": final_gold})
-        initial_gold = next((m["eval/gold"] for m in run.read_metrics() if m["step"] == 0 and "eval/gold" in m), float("nan"))
+        final = heldout_eval(policy, tok, task, held_out, R, device, dtype, scorer) if held_out else {}
+        if final:
+            run.log(it, final)
+        first = next((m for m in run.read_metrics() if m["step"] == 0 and any(k.startswith("eval/") for k in m)), {})
+        evals = {f"{k}_initial": first[k] for k in final if k in first} | final  # eval/gold only where there is gold
         model_dir = save_pretrained(policy, tok, run.out, merge=cfg.model.merge)
         last = run.read_metrics()[-1] if run.read_metrics() else {}
-        return run.finish({"stage": "ppo", "algo": algo, "status": "done", "steps": it, "eval/gold_initial": initial_gold, "eval/gold": final_gold,
+        return run.finish({"stage": "ppo", "algo": algo, "status": "done", "steps": it, **evals, "has_gold": has_gold,
                            **{k: v for k, v in last.items() if k.startswith(("objective/", "response/"))},
                            "kl/beta": beta, "nan_skipped": guard.total, "model": str(model_dir),
                            "monitor": {"flags": monitor.counts(), "first_flag": {f.flag: f.step for f in reversed(monitor.flags)},
@@ -416,8 +476,12 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
 
 
 def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values, adv, returns,
-             beta, critic_only, ptx, tok, device, dtype) -> dict:
+             beta, critic_only, ptx, tok, device, dtype, kl_loss_est=None) -> dict:
+    """Clipped PPO epochs over one rollout batch. kl_loss_est: the KL as a loss term with that
+    estimator (GRPO, kl_in_reward off), None when the KL is in the reward. `critic_only` (critic
+    warm-up) trains the value function alone: no policy, entropy, KL or ptx term."""
     P = cfg.ppo
+    norm, budget = P.loss_norm, cfg.rollout.max_new_tokens  # Dr. GRPO's constant: the generation budget
     B = len(batch["lengths"])
     mask = batch["mask"]
     keys = ("query_ids", "query_mask", "response_ids", "lengths", "mask")
@@ -434,12 +498,14 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
             m = mask[idx]
             with autocast(device, dtype):
                 logp, ent, values = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy=True, value_head=head)
-            pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx], adv[idx], m, P.clip, P.dual_clip or None)
+            pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx], adv[idx], m, P.clip, P.dual_clip or None, norm, budget)
             if first_ratio is None:
                 first_ratio = s["ratio_mean"]
-            loss = torch.zeros((), device=device) if critic_only else pg_loss - P.ent_coef * rl.masked_mean(ent, m)
-            if not P.kl_in_reward or P.algo == "grpo":  # KL as a loss term (k3, as in GRPO)
-                loss = loss + beta * rl.masked_mean(rl.kl_estimate(logp, ref_logp[idx], "k3"), m)
+            loss = torch.zeros((), device=device) if critic_only else pg_loss - P.ent_coef * rl.aggregate(ent, m, norm, budget)
+            if kl_loss_est is not None and not critic_only:  # the KL as a loss term (GRPO; kl_in_reward off)
+                kl_term = rl.aggregate(rl.kl_loss(logp, ref_logp[idx], kl_loss_est), m, norm, budget)
+                loss = loss + beta * kl_term
+                acc.setdefault("loss/kl", []).append(kl_term.item())
             if critic is not None:
                 if head is None:
                     with autocast(device, dtype):
@@ -463,7 +529,7 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
                 continue
             (loss / P.grad_accum).backward()
             if n_mb % P.grad_accum == 0 or start + P.minibatch_size >= B:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                grad_norm = clip_gradients(params, cfg.train.max_grad_norm)  # 0 = no clipping, as in every trainer
                 if guard.ok(loss.item(), grad_norm):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -490,11 +556,13 @@ def explained_variance(values, returns, mask) -> float:
 
 
 @torch.no_grad()
-def heldout_gold(policy, tok, task, prompts, R, device, dtype) -> float:
-    """Mean gold score of greedy responses on held-out prompts."""
+def heldout_eval(policy, tok, task, prompts, R, device, dtype, scorer) -> dict:
+    """Greedy responses to held-out prompts: their mean reward (`eval/score`, the proxy, scored without
+    updating a running normalisation) and, where the task has a gold scorer, their mean gold (`eval/gold`)."""
     with autocast(device, dtype):
         outs = generate(policy, tok, [p.messages for p in prompts], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size)
-    return sum(task.gold(p, o.text, o.finished).score for p, o in zip(prompts, outs)) / len(prompts)
+    score, gold = scorer(prompts, [o.text for o in outs], [o.finished for o in outs], update=False)
+    return {"eval/score": score.mean().item(), **({"eval/gold": sum(gold) / len(gold)} if gold is not None else {})}
 
 
 def _cell(text: str) -> str:

@@ -48,9 +48,12 @@ def subset(prompts: list[Prompt], n: int, seed: str) -> list[Prompt]:
 
 
 class Task:
-    """Base class. Subclasses set `name` and implement `prompts` and `gold`."""
+    """Base class. Subclasses set `name` and implement `prompts` and `gold`. A task without a gold
+    scorer (your own prompts) sets `has_gold = False`: gold metrics and gold-based checks are then
+    absent, not zero."""
 
     name = "task"
+    has_gold = True
 
     def prompts(self, split: str = "train") -> list[Prompt]:
         raise NotImplementedError
