@@ -180,30 +180,31 @@ def test_utf8_bom_is_dropped(tmp_path):
     assert _read_err(p) == f"{p}, row 2: not valid UTF-8 (byte 0xfe at column 1)"
 
 
+def _expect_errors(path, cases):
+    """Write each content to `path` and check the one-line error that reading it gives ({p} = the path)."""
+    for content, want in cases:
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        assert _read_err(path) == want.format(p=path), content
+
+
 def test_truncated_and_non_object_json_rows(tmp_path):
-    p = tmp_path / "cut.jsonl"
-    p.write_text('{"text": "fine"}\n{"text": "fi')
-    assert _read_err(p) == f"{p}, row 2: invalid JSON (Unterminated string starting at column 10; the file ends inside this row: truncated?)"
-    p.write_text('{"text": "fine"}\n{"text": "fine" "more"}\n')
-    assert _read_err(p) == f"{p}, row 2: invalid JSON (Expecting ',' delimiter at column 17)"
-    p.write_text('{"text": "fine"}\n[1, 2]\n')
-    assert _read_err(p) == f"{p}, row 2: expected a JSON object, got list"
-    p.write_text("\n")
-    assert _read_err(p) == f"{p}: no rows"
+    _expect_errors(tmp_path / "cut.jsonl", [
+        ('{"text": "fine"}\n{"text": "fi',
+         "{p}, row 2: invalid JSON (Unterminated string starting at column 10; the file ends inside this row: truncated?)"),
+        ('{"text": "fine"}\n{"text": "fine" "more"}\n', "{p}, row 2: invalid JSON (Expecting ',' delimiter at column 17)"),
+        ('{"text": "fine"}\n[1, 2]\n', "{p}, row 2: expected a JSON object, got list"),
+        ("\n", "{p}: no rows"),
+    ])
 
 
 def test_json_file_errors(tmp_path):
-    p = tmp_path / "d.json"
-    p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")  # an image under a .json name
-    assert _read_err(p) == f"{p}, line 1: not valid UTF-8 (byte 0x89 at column 1)"
-    p.write_text('[{"text": "a"},\n {"te')
-    assert _read_err(p) == f"{p}, line 2: invalid JSON (Unterminated string starting at column 3)"
-    p.write_text('{"text": "a"}')
-    assert _read_err(p) == f"{p}: expected a JSON list of objects (or JSON Lines in a .jsonl file), got dict"
-    p.write_text("42")
-    assert _read_err(p).endswith(", got int")
-    p.write_text('{"data": [{"text": "a"}, 3]}')
-    assert _read_err(p) == f"{p}, row 2: expected a JSON object, got int"
+    _expect_errors(tmp_path / "d.json", [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "{p}, line 1: not valid UTF-8 (byte 0x89 at column 1)"),  # an image
+        ('[{"text": "a"},\n {"te', "{p}, line 2: invalid JSON (Unterminated string starting at column 3)"),
+        ('{"text": "a"}', "{p}: expected a JSON list of objects (or JSON Lines in a .jsonl file), got dict"),
+        ("42", "{p}: expected a JSON list of objects (or JSON Lines in a .jsonl file), got int"),
+        ('{"data": [{"text": "a"}, 3]}', "{p}, row 2: expected a JSON object, got int"),
+    ])
 
 
 def test_csv_structure_errors(tmp_path, tok):
