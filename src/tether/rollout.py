@@ -1,5 +1,5 @@
-"""Sampling from a policy: batched generation with KV cache (Hugging Face `generate`, left padding),
-and the per-token log-probs of sampled responses that RL and evaluation need."""
+"""Sampling from a policy through the rollout engine (tether.engine), and the per-token log-probs of
+sampled responses that RL and evaluation need (the trainer's own forward)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tether.data import render
+from tether.engine import Engine
+from tether.losses.lm import head_logprobs
 from tether.losses.rl import entropy_from_logits
 
 
@@ -20,42 +22,37 @@ class Sample:
     n_tokens: int    # response tokens, the closing EOS included
 
 
+def engine_dtype(model) -> torch.dtype:
+    """The dtype to sample in: the autocast dtype when the caller runs under autocast (bf16 on CPUs with
+    native bf16), else the model's own."""
+    device = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return next(model.parameters()).dtype
+
+
+def prompt_ids(tok, prompts: list[list[dict]]) -> list[list[int]]:
+    """Chat prompts (message lists) -> token ids with the generation prompt appended."""
+    return [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, batch_size: int = 8, progress: str | None = None) -> list[Sample]:
-    """Complete each chat prompt (a message list); greedy when temperature == 0.
+             top_p: float = 1.0, batch_size: int = 8, progress: str | None = None, engine: Engine | None = None) -> list[Sample]:
+    """Complete each chat prompt (a message list); greedy when temperature == 0. Runs on the rollout
+    engine (tether.engine; its own no-grad copy of the weights in the autocast dtype), or on `engine`.
 
     Whether a response finished is read from the first EOS in the generated tokens, never from a
     padding mask: SmolLM2 pads with its EOS token.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    side = tok.padding_side
-    tok.padding_side = "left"  # generation appends on the right, so pad on the left
-    out: list[Sample] = []
+    engine = engine or Engine(model, tok, engine_dtype(model))
     bar = tqdm(total=len(prompts), desc=progress, unit="resp", disable=progress is None, dynamic_ncols=True)
     try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [render(tok, p, add_generation_prompt=True) for p in prompts[i : i + batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sample = temperature > 0
-            ids = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=0 if sample else None,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )
-            for row in ids[:, enc["input_ids"].shape[1]:].tolist():
-                end = row.index(tok.eos_token_id) if tok.eos_token_id in row else None
-                body = row if end is None else row[:end]
-                out.append(Sample(tok.decode(body, skip_special_tokens=True).strip(), end is not None,
-                                  len(row) if end is None else end + 1))
-            bar.update(len(texts))
+        out = engine.generate(prompt_ids(tok, prompts), max_new_tokens, temperature, top_p, batch_size, progress=bar.update)
     finally:
         bar.close()
-        tok.padding_side = side
-        model.train(was_training)
-    return out
+    return [Sample(tok.decode(r[:-1] if f else r, skip_special_tokens=True).strip(), f, len(r))
+            for r, f in zip(out.response_ids, out.finished)]
 
 
 def response_lengths(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -68,39 +65,28 @@ def response_lengths(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_batch(policy, tok, prompts, R, device) -> dict:
+def sample_batch(policy, tok, prompts, R, device, engine: Engine | None = None) -> dict:
     """Sample one response per prompt entry (`tether.tasks.Prompt`) as tensors for RL: left-padded
-    queries, right-padded responses, lengths (first EOS included), masks, decoded texts. `R` has
-    batch_size, temperature and max_new_tokens; sampling is plain (top_p 1, no top-k), so the
-    log-probs at the same temperature are exactly the sampling distribution's."""
-    was_training = policy.training
-    side = tok.padding_side
-    tok.padding_side = "left"  # generation appends on the right
-    policy.eval()
-    q_ids, q_mask, r_ids = [], [], []
-    for i in range(0, len(prompts), R.batch_size):
-        texts = [render(tok, p.messages, add_generation_prompt=True) for p in prompts[i : i + R.batch_size]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = policy.generate(**enc, do_sample=True, temperature=R.temperature, top_p=1.0, top_k=0,
-                              max_new_tokens=R.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        q_ids.append(enc["input_ids"])
-        q_mask.append(enc["attention_mask"])
-        r_ids.append(out[:, enc["input_ids"].shape[1]:])
-    policy.train(was_training)
-    tok.padding_side = side
-    Q = max(x.shape[1] for x in q_ids)
-    T = max(x.shape[1] for x in r_ids)
+    queries, right-padded responses, lengths (first EOS included), masks, decoded texts, and the
+    engine's own log-probs of the sampled tokens (`engine_logp`; the trainer recomputes its own, so
+    PPO's first ratio is exactly 1). `R` has batch_size, temperature and max_new_tokens; sampling is
+    plain (top_p 1, no top-k), so log-probs at the same temperature are the sampling distribution's."""
+    engine = engine or Engine(policy, tok, engine_dtype(policy))
+    queries = prompt_ids(tok, [p.messages for p in prompts])
+    out = engine.generate(queries, R.max_new_tokens, R.temperature, 1.0, R.batch_size)
     pad = tok.pad_token_id
-    query_ids = torch.cat([F.pad(x, (Q - x.shape[1], 0), value=pad) for x in q_ids])
-    query_mask = torch.cat([F.pad(x, (Q - x.shape[1], 0), value=0) for x in q_mask])
-    response_ids = torch.cat([F.pad(x, (0, T - x.shape[1]), value=pad) for x in r_ids])
-    lengths = response_lengths(response_ids, tok.eos_token_id)
-    finished = (response_ids == tok.eos_token_id).any(dim=1)
-    mask = (torch.arange(T, device=response_ids.device)[None, :] < lengths[:, None]).float()
-    texts = [tok.decode(r[: n - 1 if f else n], skip_special_tokens=True).strip()
-             for r, n, f in zip(response_ids.tolist(), lengths.tolist(), finished.tolist())]
+    Q = max(len(q) for q in queries)
+    T = max(len(r) for r in out.response_ids)
+    query_ids = torch.tensor([[pad] * (Q - len(q)) + q for q in queries], device=device)
+    query_mask = torch.tensor([[0] * (Q - len(q)) + [1] * len(q) for q in queries], device=device)
+    response_ids = torch.tensor([r + [pad] * (T - len(r)) for r in out.response_ids], device=device)
+    engine_logp = torch.tensor([lp + [0.0] * (T - len(lp)) for lp in out.logprobs], device=device)
+    lengths = torch.tensor([len(r) for r in out.response_ids], device=device)
+    finished = torch.tensor(out.finished)
+    mask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).float()
+    texts = [tok.decode(r[:-1] if f else r, skip_special_tokens=True).strip() for r, f in zip(out.response_ids, out.finished)]
     return {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids, "lengths": lengths,
-            "mask": mask, "finished": finished.cpu(), "texts": texts}
+            "mask": mask, "finished": finished, "texts": texts, "engine_logp": engine_logp}
 
 
 def join(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,6 +104,20 @@ def trunk(model):
     still runs the active LoRA adapters (and `disable_adapter()` still turns them off)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, base.base_model_prefix), base.get_output_embeddings(), base.config
+
+
+def scored_logprobs(model, input_ids: torch.Tensor, select: torch.Tensor, **kwargs) -> torch.Tensor:
+    """log pi(x_t | x_<t) (B, T-1), like `token_logprobs(model(...).logits, input_ids)`, but the LM head runs
+    only where `select` (B, T-1) is true (the trained or scored tokens; elsewhere the result is 0): the
+    backbone once, then `head_logprobs` on the selected hidden states. kwargs go to the backbone
+    (attention_mask, position_ids)."""
+    backbone, lm_head, config = trunk(model)
+    hidden = backbone(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[:, :-1]
+    sel = select.bool()
+    logp = head_logprobs(hidden[sel], lm_head, input_ids[:, 1:][sel], getattr(config, "final_logit_softcapping", None))
+    out = torch.zeros(sel.shape, dtype=logp.dtype, device=logp.device)
+    out[sel] = logp
+    return out
 
 
 def policy_forward(model, batch: dict, temperature: float, with_entropy: bool = False, value_head=None):

@@ -30,3 +30,23 @@ def sft_loss(logps: torch.Tensor, loss_mask: torch.Tensor, num_tokens: int | tor
     """
     m = loss_mask[:, 1:].to(logps.dtype)
     return -(logps * m).sum() / num_tokens
+
+
+def head_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, softcap: float | None = None,
+                  temperature: float = 1.0, chunk: int = 2048) -> torch.Tensor:
+    """log pi(target_n | h_n) for N selected positions: hidden (N, H) -> (N,) in fp32.
+
+    The LM head runs only on the positions that are scored (a prompt's logits are never needed, and with
+    a 49k vocabulary the head is a fifth of a 135M model's compute), `chunk` rows at a time, and each
+    chunk's logits are reduced to one log-prob per row by cross-entropy right away, so no (rows x
+    vocabulary) fp32 tensor larger than one chunk exists at once outside autograd's saved state.
+    """
+    out = []
+    for i in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[i : i + chunk]).float()
+        if softcap:  # Gemma 2 caps its logits; the head alone would not
+            logits = torch.tanh(logits / softcap) * softcap
+        if temperature != 1.0:
+            logits = logits / temperature
+        out.append(-F.cross_entropy(logits, targets[i : i + chunk], reduction="none"))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

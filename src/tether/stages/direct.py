@@ -31,7 +31,6 @@ from safetensors.torch import save_file
 from tether import data as D
 from tether.config import DirectConfig
 from tether.errors import TetherError
-from tether.losses.lm import token_logprobs
 from tether.losses.preference import dpo_loss, kto_loss, log_odds, orpo_loss, simpo_loss
 from tether.models import (
     autocast,
@@ -41,6 +40,7 @@ from tether.models import (
     resolve_dtype,
     save_pretrained,
 )
+from tether.rollout import scored_logprobs
 from tether.runloop import Run, fit, micro_batch, seed_everything, training_setup
 
 log = logging.getLogger("tether")
@@ -178,10 +178,9 @@ def sequence_logps(model, seqs: list[dict], pad_id: int, device, dtype) -> tuple
     forward over the right-padded batch. Padding is excluded by lengths and the loss mask."""
     b = D.collate(seqs, pad_id)
     ids = b["input_ids"].to(device)
-    with autocast(device, dtype):
-        logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device), use_cache=False).logits
-    logps = token_logprobs(logits, ids)  # (N, T-1) in fp32: entry t-1 scores token t
     m = b["loss_mask"][:, 1:].to(device)
+    with autocast(device, dtype):  # (N, T-1) in fp32: entry t-1 scores token t; the LM head on completions only
+        logps = scored_logprobs(model, ids, m, attention_mask=b["attention_mask"].to(device))
     return (logps * m).sum(-1), m.sum(-1)
 
 

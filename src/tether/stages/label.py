@@ -26,7 +26,8 @@ import torch
 
 from tether import agreement
 from tether.config import LabelConfig
-from tether.models import autocast, default_device, load_causal_lm, load_tokenizer, resolve_dtype
+from tether.engine import Engine
+from tether.models import default_device, load_causal_lm, load_tokenizer, resolve_dtype
 from tether.rollout import generate
 from tether.runloop import Run, seed_everything
 from tether.tasks import Prompt, load_task, subset
@@ -35,7 +36,7 @@ from tether.tasks.annotators import Panel
 log = logging.getLogger("tether")
 
 
-def sample_split(model, tok, task, prompts: list[Prompt], cfg: LabelConfig, path, split: str) -> list[dict]:
+def sample_split(engine: Engine, tok, task, prompts: list[Prompt], cfg: LabelConfig, path, split: str) -> list[dict]:
     """K responses per prompt with gold scores, resumable: appends to `path` batch by batch."""
     s = cfg.sample
     per_batch = max(1, s.batch_size // s.k)  # prompts per generate() call
@@ -49,9 +50,8 @@ def sample_split(model, tok, task, prompts: list[Prompt], cfg: LabelConfig, path
     for b in batch_starts:
         chunk = prompts[b : b + per_batch]
         torch.manual_seed(cfg.seed * 1_000_003 + b + (0 if split == "train" else 500_000))
-        with autocast(model.device, resolve_dtype(cfg.model.dtype, model.device)):  # bf16: ~1.4x faster sampling on CPU
-            outs = generate(model, tok, [p.messages for p in chunk for _ in range(s.k)], s.max_new_tokens,
-                            s.temperature, s.top_p, batch_size=s.batch_size)
+        outs = generate(None, tok, [p.messages for p in chunk for _ in range(s.k)], s.max_new_tokens,
+                        s.temperature, s.top_p, batch_size=s.batch_size, engine=engine)
         rows = []
         for j, o in enumerate(outs):
             p = chunk[j // s.k]
@@ -98,6 +98,8 @@ def run_label(cfg: LabelConfig) -> dict:
     device = default_device()
     tok = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     model = load_causal_lm(cfg.model.name, cfg.model.trust_remote_code).to(device)
+    engine = Engine(model, tok, resolve_dtype(cfg.model.dtype, device))  # a bf16 copy on CPUs with native bf16
+    del model  # the engine holds its own copy of the weights
     panel = Panel(**dataclasses.asdict(cfg.panel), seed=cfg.seed)
     summary: dict = {"stage": "label", "status": "done", "task": cfg.task.name, "k": cfg.sample.k}
     all_votes = []
@@ -107,7 +109,7 @@ def run_label(cfg: LabelConfig) -> dict:
             prompts = subset(prompts, n, f"{cfg.seed}-{split}-prompts")  # across categories, not the file's first n
             if not prompts:
                 continue
-            samples = sample_split(model, tok, task, prompts, cfg, run.out / f"samples-{split}.jsonl", split)
+            samples = sample_split(engine, tok, task, prompts, cfg, run.out / f"samples-{split}.jsonl", split)
             pairs = label_pairs(samples, panel, random.Random(f"{cfg.seed}-{split}"))
             all_votes += [p.pop("_votes_ab") for p in pairs]
             (run.out / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))

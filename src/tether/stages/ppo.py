@@ -27,6 +27,7 @@ import torch
 
 from tether import data as D
 from tether.config import PPOConfig
+from tether.engine import Engine
 from tether.errors import TetherError
 from tether.losses import rl
 from tether.losses.lm import sft_loss, token_logprobs
@@ -309,6 +310,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     critic = make_critic(cfg, policy, tok, scorer.rm_tok)
     if critic is not None:
         critic.to(device)
+    engine = Engine(policy, tok, dtype)  # the rollout engine: its own no-grad copy of the weights
     ptx = None
     if P.ptx_coef > 0:
         ptx = D.prepare_sft(tok, D.read_rows(P.ptx_data), 256, "truncate")
@@ -335,15 +337,15 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
         log.info("%s: %d iterations x %d prompts x %d samples, dtype %s", algo.upper(), t.max_steps, R.prompts_per_step,
                  G, str(dtype).replace("torch.", ""))
         if it == 0 and held_out:
-            run.log(0, heldout_eval(policy, tok, task, held_out, R, device, dtype, scorer))
+            run.log(0, heldout_eval(policy, tok, task, held_out, R, device, dtype, scorer, engine))
         while it < t.max_steps:
             timings = {}
             # ---- 1. rollout ---------------------------------------------------------------------
             t0 = time.time()
             order = torch.randperm(len(prompts_all), generator=torch.Generator().manual_seed(t.seed * 7919 + it))
             prompts = [prompts_all[i] for i in order[: R.prompts_per_step].tolist() for _ in range(G)]
-            with autocast(device, dtype):  # bf16 sampling; the log-probs below are recomputed, so the ratio stays exact
-                batch = sample_batch(policy, tok, prompts, R, device)
+            engine.load_weights(policy)  # the rollout engine samples with the policy as it is now (bf16 copy)
+            batch = sample_batch(policy, tok, prompts, R, device, engine)  # log-probs are recomputed below: ratio exactly 1
             timings["time/generate"] = time.time() - t0
             lengths, mask = batch["lengths"], batch["mask"]
             # ---- 2. old log-probs, reference log-probs, values (no autograd) --------------------
@@ -435,7 +437,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                     "| " + " | ".join(_cell(r[c]) if isinstance(r[c], str) else f"{r[c]:.3f}" for c in cols) + " |" for r in table))
             value = None
             if t.eval_every and it % t.eval_every == 0 and held_out:
-                ev = heldout_eval(policy, tok, task, held_out, R, device, dtype, scorer)
+                ev = heldout_eval(policy, tok, task, held_out, R, device, dtype, scorer, engine)
                 run.log(it, ev)
                 value = ev.get("eval/gold") if cfg.monitor.keep_best == "gold" else None
             if cfg.monitor.keep_best == "proxy" and (not cfg.monitor.kl_budget or mean_kl <= cfg.monitor.kl_budget):
@@ -460,7 +462,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
         progress = {"beta": beta, "nan_skipped": guard.total, "best": best, "ref_length": ref_length, "monitor": monitor.state(),
                     "reward_running": scorer.running}
         run.save_checkpoint(it, modules, optimizer, scheduler, progress, t.keep_checkpoints)
-        final = heldout_eval(policy, tok, task, held_out, R, device, dtype, scorer) if held_out else {}
+        final = heldout_eval(policy, tok, task, held_out, R, device, dtype, scorer, engine) if held_out else {}
         if final:
             run.log(it, final)
         first = next((m for m in run.read_metrics() if m["step"] == 0 and any(k.startswith("eval/") for k in m)), {})
@@ -556,11 +558,11 @@ def explained_variance(values, returns, mask) -> float:
 
 
 @torch.no_grad()
-def heldout_eval(policy, tok, task, prompts, R, device, dtype, scorer) -> dict:
+def heldout_eval(policy, tok, task, prompts, R, device, dtype, scorer, engine) -> dict:
     """Greedy responses to held-out prompts: their mean reward (`eval/score`, the proxy, scored without
     updating a running normalisation) and, where the task has a gold scorer, their mean gold (`eval/gold`)."""
-    with autocast(device, dtype):
-        outs = generate(policy, tok, [p.messages for p in prompts], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size)
+    engine.load_weights(policy)
+    outs = generate(policy, tok, [p.messages for p in prompts], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size, engine=engine)
     score, gold = scorer(prompts, [o.text for o in outs], [o.finished for o in outs], update=False)
     return {"eval/score": score.mean().item(), **({"eval/gold": sum(gold) / len(gold)} if gold is not None else {})}
 

@@ -17,8 +17,9 @@ import torch
 from tether import data as D
 from tether.config import SFTConfig
 from tether.errors import TetherError
-from tether.losses.lm import sft_loss, token_logprobs
+from tether.losses.lm import sft_loss
 from tether.models import autocast, default_device, load_policy, resolve_dtype, save_pretrained
+from tether.rollout import scored_logprobs
 from tether.runloop import Run, fit, micro_batch, seed_everything, training_setup
 
 log = logging.getLogger("tether")
@@ -35,10 +36,10 @@ def load_data(cfg: SFTConfig, tok) -> tuple[list[dict], list[dict]]:
 
 
 def forward_logps(model, batch: dict, device, dtype) -> torch.Tensor:
-    kwargs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    """Per-token log-probs (B, T-1) of the trained tokens (0 elsewhere): the LM head runs on those alone."""
+    kwargs = {k: v.to(device) for k, v in batch.items() if k in ("attention_mask", "position_ids")}
     with autocast(device, dtype):
-        logits = model(**kwargs, use_cache=False).logits
-    return token_logprobs(logits, kwargs["input_ids"])
+        return scored_logprobs(model, batch["input_ids"].to(device), batch["loss_mask"][:, 1:].to(device), **kwargs)
 
 
 @torch.no_grad()
