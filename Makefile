@@ -41,8 +41,11 @@ test: install browser
 test-fast: install browser
 	$(PY) -m pytest -q -m "not slow"
 
+# tether vs its peer (TRL) side by side; the peers' venvs come from benchmarks/setup_peers.sh
+# (BENCH_ARGS="--quick" for a smoke run, "--only sft,dpo --repeats 1" for some rows)
 bench: install
-	$(PY) benchmarks/sft_throughput.py
+	PYTHON=$(PYTHON) sh benchmarks/setup_peers.sh $(PY)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

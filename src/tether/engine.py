@@ -151,7 +151,11 @@ class Engine:
             sp, si = probs.sort(-1, descending=True)
             drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
             probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
-        nxt = torch.multinomial(probs, 1)[:, 0]
+        # inverse-CDF sampling: one uniform per row against the cumulative probabilities. (torch.multinomial
+        # draws an exponential variate for every vocabulary entry: a third of a decode step on a CPU.)
+        cdf = probs.cumsum(-1)
+        u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+        nxt = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[1] - 1)
         return nxt, logp.gather(-1, nxt[:, None])[:, 0]
 
     def _batch_hf(self, prompts, max_new_tokens, temperature, top_p, min_new_tokens):
@@ -193,7 +197,9 @@ class Engine:
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
     def _norm(self, x, w):
-        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.config.rms_norm_eps).to(self.dtype)
+        """RMSNorm in one kernel (it accumulates in fp32 for bf16 inputs); Hugging Face's Llama computes the
+        same in fp32 then rounds to bf16 before the weight: in bf16 the two may differ in the last bit."""
+        return F.rms_norm(x, (x.shape[-1],), w, eps=self.config.rms_norm_eps)
 
     def _forward(self, x, cos, sin, kc, vc, start: int, mask):
         """One pass of the transformer over new tokens x (B, T, H) at cache columns [start, start + T);
@@ -204,9 +210,10 @@ class Engine:
         cos, sin = cos[:, None], sin[:, None]
         for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
             h = self._norm(x, ln1)
-            q, k, v = (h @ wqkv.T).split([Hq * D, Hkv * D, Hkv * D], -1)
-            q = self._rotate(q.view(B, T, Hq, D).transpose(1, 2), cos, sin)
-            kc[i, :, :, start : start + T] = self._rotate(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+            qk, v = (h @ wqkv.T).split([(Hq + Hkv) * D, Hkv * D], -1)
+            qk = self._rotate(qk.view(B, T, Hq + Hkv, D).transpose(1, 2), cos, sin)  # q and k heads rotated at once
+            q = qk[:, :Hq]
+            kc[i, :, :, start : start + T] = qk[:, Hq:]
             vc[i, :, :, start : start + T] = v.view(B, T, Hkv, D).transpose(1, 2)
             a = F.scaled_dot_product_attention(q, kc[i, :, :, : start + T], vc[i, :, :, : start + T], attn_mask=mask,
                                                enable_gqa=Hq != Hkv)

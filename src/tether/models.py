@@ -292,7 +292,7 @@ def load_policy(mcfg, device: torch.device | str = "cpu"):
 
 def cpu_has_fast_bf16() -> bool:
     """Native bf16 matmul units: AMX-BF16 (Intel Sapphire Rapids+) or AVX512-BF16 (Cooper Lake, AMD Zen 4+).
-    On such CPUs a 2048^2 bf16 matmul runs 2-3x faster than fp32 (benchmarks/sft_throughput.py)."""
+    On such CPUs a 2048^2 bf16 matmul runs 2-3x faster than fp32 (`make bench` prints both peaks)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])

@@ -38,7 +38,8 @@ def prompt_ids(tok, prompts: list[list[dict]]) -> list[list[int]]:
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, batch_size: int = 8, progress: str | None = None, engine: Engine | None = None) -> list[Sample]:
+             top_p: float = 1.0, batch_size: int = 8, progress: str | None = None, engine: Engine | None = None,
+             min_new_tokens: int = 0) -> list[Sample]:
     """Complete each chat prompt (a message list); greedy when temperature == 0. Runs on the rollout
     engine (tether.engine; its own no-grad copy of the weights in the autocast dtype), or on `engine`.
 
@@ -48,7 +49,8 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int = 64, te
     engine = engine or Engine(model, tok, engine_dtype(model))
     bar = tqdm(total=len(prompts), desc=progress, unit="resp", disable=progress is None, dynamic_ncols=True)
     try:
-        out = engine.generate(prompt_ids(tok, prompts), max_new_tokens, temperature, top_p, batch_size, progress=bar.update)
+        out = engine.generate(prompt_ids(tok, prompts), max_new_tokens, temperature, top_p, batch_size,
+                              min_new_tokens=min_new_tokens, progress=bar.update)
     finally:
         bar.close()
     return [Sample(tok.decode(r[:-1] if f else r, skip_special_tokens=True).strip(), f, len(r))
