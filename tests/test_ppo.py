@@ -216,7 +216,8 @@ def word_policy(tmp_path_factory):
     return s["model"]
 
 
-@pytest.mark.parametrize("algo,group", [("ppo", 1), ("grpo", 4), ("rloo", 4), ("reinforce", 1)])
+# EchoTask has 3 prompts: 4 samples of each give every algorithm 12 sequences per iteration
+@pytest.mark.parametrize("algo,group", [("ppo", 4), ("grpo", 4), ("rloo", 4), ("reinforce", 4)])
 def test_algorithms_raise_a_simple_reward(tmp_path, word_policy, algo, group):
     cfg = ppo_cfg(tmp_path, algo, **{"model.name": word_policy, "ppo.algo": algo, "rollout.group_size": group,
                                      "rollout.prompts_per_step": 16 // group, "train.max_steps": 10, "ppo.minibatch_size": 8,
