@@ -19,6 +19,22 @@ def test_chunked_head_log_probs_equal_the_full_log_softmax():
     assert head_logprobs(h[:0], head, y[:0]).shape == (0,)
 
 
+def test_head_entropy_is_a_statistic_unless_asked_for_its_gradient():
+    """entropy=True: H per row, no gradient (nothing vocabulary-sized kept for backward); "grad": the same
+    values and the gradient of sum H equals autograd's through the full softmax."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    h, y = torch.randn(11, 16, requires_grad=True), torch.randint(0, 300, (11,))
+    p = torch.softmax(head(h) / 0.7, -1)
+    want = -(p * p.log()).sum(-1)
+    (g_want,) = torch.autograd.grad(want.sum(), h)
+    logp, ent = head_logprobs(h, head, y, temperature=0.7, chunk=4, entropy=True)
+    assert torch.allclose(ent, want, atol=1e-5) and not ent.requires_grad and logp.requires_grad
+    _, ent = head_logprobs(h, head, y, temperature=0.7, chunk=4, entropy="grad")
+    (g,) = torch.autograd.grad(ent.sum(), h)
+    assert torch.allclose(ent, want, atol=1e-5) and torch.allclose(g, g_want, atol=1e-5)
+
+
 def test_scored_logprobs_equal_token_logprobs_on_the_selected_tokens_with_the_same_gradient():
     model = load_causal_lm("builtin:tiny")
     ids = torch.tensor([[1, 504, 2683, 314, 260, 2, 2], [1, 77, 88, 99, 2, 2, 2]])

@@ -133,3 +133,33 @@ def test_pickled_weights_are_never_loaded(tmp_path):
         load_causal_lm(str(folder))
     with pytest.raises(TetherError, match="as a reward model"):
         load_reward_model(str(folder))
+
+
+def test_frozen_lora_base_in_bf16_gives_the_same_products_and_saves_merged_in_fp32(tmp_path):
+    """Under bf16 autocast a frozen fp32 matrix is rounded to bf16 at every matmul, so storing it rounded
+    changes no output bit; the adapters, norms and embeddings stay fp32, and the merged save is fp32."""
+    from transformers import AutoModelForCausalLM
+
+    tok = models.load_tokenizer("builtin:tiny")
+    ids = torch.tensor([[1, 504, 2683, 314, 260, 2]])
+    fp32 = models.apply_lora(models.load_causal_lm("builtin:tiny"), 4, 8, 0.0, "all-linear")
+    with torch.no_grad():
+        for n, p in fp32.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    mixed = models.apply_lora(models.load_causal_lm("builtin:tiny"), 4, 8, 0.0, "all-linear")
+    mixed.load_state_dict(fp32.state_dict())
+    n = models.frozen_matrices_in(mixed, torch.bfloat16)
+    assert n == 2 * 7  # q k v o gate up down in each of the 2 layers
+    assert models.frozen_matrices_in(mixed, torch.float32) == 0
+    dtypes = {name: p.dtype for name, p in mixed.named_parameters()}
+    assert all(d == torch.float32 for name, d in dtypes.items() if "lora_" in name or "norm" in name or "embed" in name)
+    assert sum(d == torch.bfloat16 for d in dtypes.values()) == n
+    with torch.no_grad(), models.autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.equal(mixed(input_ids=ids).logits, fp32(input_ids=ids).logits)
+    models.save_pretrained(mixed, tok, tmp_path)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert all(p.dtype == torch.float32 for p in saved.parameters())
+    with torch.no_grad():  # the merged model is the bf16-rounded base plus the fp32 adapter delta
+        want = mixed.float()(input_ids=ids).logits
+        assert torch.allclose(saved(ids).logits, want, atol=1e-5)

@@ -69,8 +69,9 @@ def test_first_ratio_is_one_and_only_policy_and_critic_move(tmp_path):
 
 
 def test_policy_forward_reads_log_probs_and_values_off_one_pass():
-    """policy_forward runs the LM head on response positions only; its log-probs equal the full-logits
-    computation and its values equal the value head applied to the last hidden state there."""
+    """policy_forward runs the LM head on real response positions only; there its log-probs equal the
+    full-logits computation, beyond a response's length they (and the entropy) are 0; its values equal the
+    value head applied to the last hidden state."""
     from tether.rollout import policy_forward
 
     torch.manual_seed(0)
@@ -86,9 +87,33 @@ def test_policy_forward_reads_log_probs_and_values_off_one_pass():
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
         want = torch.log_softmax(out.logits[:, 3:-1] / 0.7, -1).gather(-1, batch["response_ids"][..., None])[..., 0]
         hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, 3:-1]
-    assert torch.allclose(logp, want, atol=1e-5)
+    real = torch.tensor([[True, True, True], [True, True, False]])
+    assert torch.allclose(logp[real], want[real], atol=1e-5) and logp[~real].eq(0).all()
     assert torch.allclose(values, head(hidden)[..., 0], atol=1e-6)
-    assert ent.shape == logp.shape and (ent > 0).all()
+    p = torch.softmax(out.logits[:, 3:-1] / 0.7, -1)
+    want_ent = -(p * p.log()).sum(-1)
+    assert torch.allclose(ent[real], want_ent[real], atol=1e-4) and ent[~real].eq(0).all()
+
+
+def test_trimming_a_minibatchs_padding_keeps_every_log_prob_and_value():
+    """trim_padding drops the columns that are padding in every row of a minibatch (queries' shared left
+    padding, responses past the longest); each real token's log-prob and value are unchanged."""
+    from tether.rollout import policy_forward, trim_padding
+
+    model = load_causal_lm("builtin:tiny").eval()
+    head = ppo.ValueHead(model.config.hidden_size)
+    batch = {"query_ids": torch.tensor([[2, 2, 2, 504, 2683], [2, 2, 1, 314, 260]]),
+             "query_mask": torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]),
+             "response_ids": torch.tensor([[88, 99, 2, 2, 2], [120, 2, 2, 2, 2]]), "lengths": torch.tensor([3, 2])}
+    batch["mask"] = (torch.arange(5)[None] < batch["lengths"][:, None]).float()
+    small, T = trim_padding(batch)
+    assert T == 3 and small["query_ids"].shape == (2, 3) and small["response_ids"].shape == (2, 3) and small["mask"].shape == (2, 3)
+    with torch.no_grad():
+        a = policy_forward(model, batch, 1.0, value_head=head)
+        b = policy_forward(model, small, 1.0, value_head=head)
+    assert torch.allclose(a[0][:, :T], b[0], atol=1e-5) and a[0][:, T:].eq(0).all()
+    real = batch["mask"][:, :T].bool()
+    assert torch.allclose(a[2][:, :T][real], b[2][real], atol=1e-5)
 
 
 def test_value_head_critic_trains_head_and_policy_adapter_only(tmp_path):

@@ -6,13 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tether.data import render
 from tether.engine import Engine
 from tether.losses.lm import head_logprobs
-from tether.losses.rl import entropy_from_logits
 
 
 @dataclass
@@ -101,6 +99,19 @@ def join(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
+def trim_padding(batch: dict) -> tuple[dict, int]:
+    """A rollout (sub)batch without the columns that are padding in every row: responses cut at the longest
+    length, left-padded queries from their first real column. Positions come from the mask, so every real
+    token's log-prob is unchanged. Returns (batch, T) with T the kept response length."""
+    T = max(int(batch["lengths"].max()), 1)
+    q0 = int(batch["query_mask"].any(0).long().argmax())  # first column some query uses
+    out = dict(batch, query_ids=batch["query_ids"][:, q0:], query_mask=batch["query_mask"][:, q0:],
+               response_ids=batch["response_ids"][:, :T])
+    if "mask" in batch:
+        out["mask"] = batch["mask"][:, :T]
+    return out, T
+
+
 def trunk(model):
     """(backbone, lm_head, config) of a causal LM, through a peft wrapper if there is one: calling the backbone
     still runs the active LoRA adapters (and `disable_adapter()` still turns them off)."""
@@ -122,23 +133,29 @@ def scored_logprobs(model, input_ids: torch.Tensor, select: torch.Tensor, **kwar
     return out
 
 
-def policy_forward(model, batch: dict, temperature: float, with_entropy: bool = False, value_head=None):
+def policy_forward(model, batch: dict, temperature: float, with_entropy: bool | str = False, value_head=None):
     """Per-token log pi(y_t | x, y_<t) of the response tokens (B, T) at the sampling temperature, the
-    entropy (with_entropy) and, with `value_head`, the values V(x, y_<t) read from the same forward
-    (a value head on the policy's last hidden state): returns (logp, entropy or None, values or None).
+    entropy (with_entropy: True = without gradient, a statistic; "grad" = with it, for an entropy bonus)
+    and, with `value_head`, the values V(x, y_<t) read from the same forward (a value head on the policy's
+    last hidden state): returns (logp, entropy or None, values or None). Beyond each response's length
+    (its padding) logp and entropy are 0.
 
-    The LM head runs only on the positions that predict response tokens: the query's logits are never
-    needed, and with a 49k vocabulary the head is a large share of a small model's compute."""
+    The LM head runs only on the positions that predict a real response token: the query's logits are
+    never needed, nor the padding's, and with a 49k vocabulary the head is a large share of a small
+    model's compute (`head_logprobs`, chunked)."""
     ids, mask, pos = join(batch)
     Q = batch["query_ids"].shape[1]
     backbone, lm_head, config = trunk(model)
     hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state[:, Q - 1 : -1]
-    logits = lm_head(hidden).float()
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2 caps its logits; the head alone would not
-        logits = torch.tanh(logits / cap) * cap
-    logits = logits / temperature
-    targets = batch["response_ids"]
-    logp = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+    sel = mask[:, Q:].bool()
+    res = head_logprobs(hidden[sel], lm_head, batch["response_ids"][sel], getattr(config, "final_logit_softcapping", None),
+                        temperature, entropy=with_entropy)
+    logp, ent = res if with_entropy else (res, None)
     values = value_head(hidden).squeeze(-1).float() if value_head is not None else None
-    return logp, (entropy_from_logits(logits) if with_entropy else None), values
+    return _scatter(logp, sel), (_scatter(ent, sel) if ent is not None else None), values
+
+
+def _scatter(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    out = x.new_zeros(sel.shape)
+    out[sel] = x
+    return out

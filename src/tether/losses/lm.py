@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tether.losses.rl import entropy_from_logits
+
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log pi(x_t | x_<t) for t = 1..T-1.
@@ -33,15 +35,19 @@ def sft_loss(logps: torch.Tensor, loss_mask: torch.Tensor, num_tokens: int | tor
 
 
 def head_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, softcap: float | None = None,
-                  temperature: float = 1.0, chunk: int = 2048) -> torch.Tensor:
+                  temperature: float = 1.0, chunk: int = 2048, entropy: bool | str = False):
     """log pi(target_n | h_n) for N selected positions: hidden (N, H) -> (N,) in fp32.
 
     The LM head runs only on the positions that are scored (a prompt's logits are never needed, and with
     a 49k vocabulary the head is a fifth of a 135M model's compute), `chunk` rows at a time, and each
     chunk's logits are reduced to one log-prob per row by cross-entropy right away, so no (rows x
     vocabulary) fp32 tensor larger than one chunk exists at once outside autograd's saved state.
+
+    entropy: also return each position's entropy H = logsumexp(z) - sum softmax(z) z (N,): True computes it
+    without gradient (a logged statistic: no second vocabulary-sized tensor saved for backward), "grad"
+    with gradient (an entropy bonus in the loss). Returns (logp, entropy) then.
     """
-    out = []
+    out, ents = [], []
     for i in range(0, hidden.shape[0], chunk):
         logits = head(hidden[i : i + chunk]).float()
         if softcap:  # Gemma 2 caps its logits; the head alone would not
@@ -49,4 +55,9 @@ def head_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, softcap: fl
         if temperature != 1.0:
             logits = logits / temperature
         out.append(-F.cross_entropy(logits, targets[i : i + chunk], reduction="none"))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        if entropy:
+            with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+                ents.append(entropy_from_logits(logits if entropy == "grad" else logits.detach()))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logp = torch.cat(out) if out else empty
+    return (logp, torch.cat(ents) if ents else empty) if entropy else logp

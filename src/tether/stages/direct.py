@@ -387,7 +387,7 @@ def train(cfg: DirectConfig, on_step=None) -> dict:
     seed_everything(t.seed)
     device = default_device()
     dtype = resolve_dtype(cfg.model.dtype, device)
-    model, tok = load_policy(cfg.model, device)
+    model, tok = load_policy(cfg.model, device, dtype)
     train_set, eval_set = load_examples(cfg, tok)
     keys = UNPAIRED if d.method == "kto" else PAIRED
     if t.verbose:

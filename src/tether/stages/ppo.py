@@ -32,9 +32,9 @@ from tether.errors import TetherError
 from tether.losses import rl
 from tether.losses.lm import sft_loss, token_logprobs
 from tether.monitor import Monitor
-from tether.models import (apply_lora, autocast, default_device, load_causal_lm, load_reward_model, load_tokenizer,
-                           resolve_dtype, save_pretrained, score_conversations, token_scores)
-from tether.rollout import generate, join, policy_forward, sample_batch, trunk
+from tether.models import (apply_lora, autocast, default_device, frozen_matrices_in, load_causal_lm, load_reward_model,
+                           load_tokenizer, resolve_dtype, save_pretrained, score_conversations, token_scores)
+from tether.rollout import generate, join, policy_forward, sample_batch, trim_padding, trunk
 from tether.runloop import NanGuard, Run, clip_gradients, make_optimizer, make_scheduler, seed_everything
 from tether.tasks import load_task, subset
 
@@ -303,6 +303,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     ref = None
     if cfg.model.lora_r > 0:
         policy = apply_lora(policy, cfg.model.lora_r, cfg.model.lora_alpha, 0.0, cfg.model.lora_target)
+        frozen_matrices_in(policy, dtype)  # the base (and so the reference) in bf16 under bf16 autocast
     else:
         ref = load_causal_lm(cfg.model.name, cfg.model.trust_remote_code).eval().requires_grad_(False).to(device)
     policy.to(device)
@@ -496,23 +497,25 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
         perm = torch.randperm(B)
         for start in range(0, B, P.minibatch_size):
             idx = perm[start : start + P.minibatch_size]
-            mb = {k: batch[k][idx] for k in keys}
-            m = mask[idx]
+            # the minibatch's own padding only: responses cut at its longest, queries' all-padding columns gone
+            mb, T = trim_padding({k: batch[k][idx] for k in keys})
+            m = mask[idx, :T]
             with autocast(device, dtype):
-                logp, ent, values = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy=True, value_head=head)
-            pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx], adv[idx], m, P.clip, P.dual_clip or None, norm, budget)
+                logp, ent, values = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy="grad" if P.ent_coef else True,
+                                                   value_head=head)
+            pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx, :T], adv[idx, :T], m, P.clip, P.dual_clip or None, norm, budget)
             if first_ratio is None:
                 first_ratio = s["ratio_mean"]
             loss = torch.zeros((), device=device) if critic_only else pg_loss - P.ent_coef * rl.aggregate(ent, m, norm, budget)
             if kl_loss_est is not None and not critic_only:  # the KL as a loss term (GRPO; kl_in_reward off)
-                kl_term = rl.aggregate(rl.kl_loss(logp, ref_logp[idx], kl_loss_est), m, norm, budget)
+                kl_term = rl.aggregate(rl.kl_loss(logp, ref_logp[idx, :T], kl_loss_est), m, norm, budget)
                 loss = loss + beta * kl_term
                 acc.setdefault("loss/kl", []).append(kl_term.item())
             if critic is not None:
                 if head is None:
                     with autocast(device, dtype):
                         values = critic_forward(critic, mb)
-                vf_loss, vf_clipfrac = rl.ppo_value_loss(values.float(), old_values[idx], returns[idx], m, P.vf_clip)
+                vf_loss, vf_clipfrac = rl.ppo_value_loss(values.float(), old_values[idx, :T], returns[idx, :T], m, P.vf_clip)
                 loss = loss + P.vf_coef * vf_loss
                 acc.setdefault("loss/value", []).append(vf_loss.item())
                 acc.setdefault("val/clipfrac", []).append(vf_clipfrac)

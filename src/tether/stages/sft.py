@@ -70,7 +70,7 @@ def train(cfg: SFTConfig, on_step=None) -> dict:
     seed_everything(t.seed)
     device = default_device()
     dtype = resolve_dtype(cfg.model.dtype, device)
-    model, tok = load_policy(cfg.model, device)
+    model, tok = load_policy(cfg.model, device, dtype)
     train_set, eval_set = load_data(cfg, tok)
     if t.verbose:
         print("example (trained tokens in [[...]]):\n" + D.describe_example(tok, train_set[0]), file=sys.stderr)
