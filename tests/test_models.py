@@ -163,3 +163,19 @@ def test_frozen_lora_base_in_bf16_gives_the_same_products_and_saves_merged_in_fp
     with torch.no_grad():  # the merged model is the bf16-rounded base plus the fp32 adapter delta
         want = mixed.float()(input_ids=ids).logits
         assert torch.allclose(saved(ids).logits, want, atol=1e-5)
+
+
+def test_right_padding_needs_no_attention_mask_and_scores_are_unchanged():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    holes = torch.tensor([[1, 0, 1, 1]])
+    packed = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    assert models.causal_mask(right) is None and models.causal_mask(None) is None
+    assert models.causal_mask(left) is left and models.causal_mask(holes) is holes and models.causal_mask(packed) is packed
+    rm = models.load_reward_model("builtin:tiny")[0].eval()
+    ids = torch.tensor([[1, 504, 2683, 2], [1, 314, 260, 77]])
+    with torch.no_grad():
+        got = models.sequence_scores(rm, ids, torch.tensor([3, 4]))
+        h = rm.model(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])).last_hidden_state
+        want = rm.score(h).squeeze(-1)[[0, 1], [2, 3]]
+    assert torch.allclose(got, want, atol=1e-6)

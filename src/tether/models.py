@@ -237,12 +237,24 @@ def load_reward_model(name: str, trust_remote_code: bool = False):
     return model, tok
 
 
+def causal_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention mask a causal forward needs: None for 2-D right padding (each row's ones a prefix),
+    since causal attention already hides every later (padding) position from each real token; the mask
+    as given otherwise (left padding, packed 4-D masks). Without a mask SDPA runs its maskless causal
+    kernel: the same outputs at real positions, and a training step ~20% faster on a CPU."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    m = attention_mask.bool()
+    return None if bool((m[:, 1:] <= m[:, :-1]).all()) else attention_mask
+
+
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar head applied at every position: (B, T) in fp32. Reward models read it at the last
     real token; PPO's critic reads it at every response token (pass position_ids for left padding)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=causal_mask(attention_mask), position_ids=position_ids,
+                      use_cache=False).last_hidden_state
     return base.score(hidden).squeeze(-1).float()
 
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from tether.data import render
 from tether.engine import Engine
 from tether.losses.lm import head_logprobs
+from tether.models import causal_mask
 
 
 @dataclass
@@ -125,6 +126,8 @@ def scored_logprobs(model, input_ids: torch.Tensor, select: torch.Tensor, **kwar
     backbone once, then `head_logprobs` on the selected hidden states. kwargs go to the backbone
     (attention_mask, position_ids)."""
     backbone, lm_head, config = trunk(model)
+    if "attention_mask" in kwargs:
+        kwargs["attention_mask"] = causal_mask(kwargs["attention_mask"])  # right padding needs no mask
     hidden = backbone(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state[:, :-1]
     sel = select.bool()
     logp = head_logprobs(hidden[sel], lm_head, input_ids[:, 1:][sel], getattr(config, "final_logit_softcapping", None))
