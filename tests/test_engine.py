@@ -77,6 +77,20 @@ def test_sampling_is_the_softmax_at_the_temperature(model, tok, prompts):
     assert all(len(r) == 6 for r in out.response_ids)
 
 
+def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p_exactly():
+    """Top-p from a top-k: the kept set is the smallest prefix of most likely tokens whose mass reaches top_p,
+    sampled in proportion; a flat distribution whose nucleus is larger than the first top-k still gets all of it."""
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    draws = torch.stack([Engine._nucleus(probs, 0.75, k=2) for _ in range(4000)])[:, 0]
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]), atol=0.025)  # {0, 1} reach 0.75
+    assert set(Engine._nucleus(probs.expand(500, 4), 0.81, k=1).tolist()) == {0, 1, 2}       # 0.8 < 0.81: three needed
+    flat = torch.full((2000, 1000), 1e-3)
+    picks = Engine._nucleus(flat, 0.9, k=16)  # 900 tokens form the nucleus; k grows 16 -> 128 -> 1024
+    assert picks.unique().numel() > 600
+
+
 def test_lora_weights_are_merged_in_and_reloaded(model, tok, prompts):
     """After an update, load_weights gives the engine the policy as it is now: its adapter merged in."""
     import copy
