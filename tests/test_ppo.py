@@ -89,7 +89,7 @@ def test_policy_forward_reads_log_probs_and_values_off_one_pass():
         hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, 3:-1]
     real = torch.tensor([[True, True, True], [True, True, False]])
     assert torch.allclose(logp[real], want[real], atol=1e-5) and logp[~real].eq(0).all()
-    assert torch.allclose(values, head(hidden)[..., 0], atol=1e-6)
+    assert torch.allclose(values[real], head(hidden)[..., 0][real], atol=1e-5)
     p = torch.softmax(out.logits[:, 3:-1] / 0.7, -1)
     want_ent = -(p * p.log()).sum(-1)
     assert torch.allclose(ent[real], want_ent[real], atol=1e-4) and ent[~real].eq(0).all()
@@ -454,9 +454,9 @@ def test_critic_starts_from_a_reward_model_with_the_same_vocabulary(tmp_path, ti
     critic = ppo.make_critic(cfg, load_causal_lm("builtin:tiny"), tok, rm_tok)
     assert isinstance(critic, ppo.SeparateCritic)
     ids = torch.tensor([[1, 504, 2683, 314, 260, 2]])
-    mask, pos = torch.ones_like(ids), torch.arange(6)[None, :]
+    mask = torch.ones_like(ids)
     with torch.no_grad():
-        assert torch.allclose(critic(ids, mask, pos), token_scores(rm.eval(), ids, mask, pos), atol=1e-6)
+        assert torch.allclose(critic(ids, mask), token_scores(rm.eval(), ids, mask), atol=1e-6)
 
 
 def test_own_prompts_without_gold(tmp_path, tiny_rm, capsys):
@@ -501,3 +501,31 @@ def test_bad_prompt_files_exit_2_naming_file_and_row(tmp_path, tiny_rm, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"tether: error: {path}, {message}") and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_one_epoch_one_step_grpo_reuses_the_training_forward_as_old_log_probs(tmp_path, monkeypatch):
+    """GRPO with one epoch and one optimizer step per batch: the old log-probs are each minibatch's own
+    detached forward (no separate pass); the update, the ratio (exactly 1) and the logged KL are those of
+    the same run with the separate pass."""
+    import tether.rollout as rollout
+
+    calls = []
+    real = rollout.policy_forward
+    monkeypatch.setattr(ppo, "policy_forward", lambda *a, **k: calls.append(torch.is_grad_enabled()) or real(*a, **k))
+    flags = {"ppo.algo": "grpo", "ppo.epochs": 1, "rollout.group_size": 2, "ppo.minibatch_size": 6, "ppo.grad_accum": 2,
+             "train.max_steps": 1, "model.lora_r": 4}
+    seen = {}
+    ppo.train(ppo_cfg(tmp_path, "fast", **flags), reward_fn=lowercase_share,
+              on_step=lambda it, run, modules: seen.setdefault("fast", {n: p.detach().clone() for n, p in modules.named_parameters()}))
+    assert calls.count(False) == 1  # the reference pass only
+    calls.clear()
+    monkeypatch.setattr(ppo.math, "ceil", lambda x: 10**6)  # the condition fails: the separate pass runs
+    ppo.train(ppo_cfg(tmp_path, "slow", **flags), reward_fn=lowercase_share,
+              on_step=lambda it, run, modules: seen.setdefault("slow", {n: p.detach().clone() for n, p in modules.named_parameters()}))
+    assert calls.count(False) == 2
+    a, b = metrics(tmp_path / "fast")[-1], metrics(tmp_path / "slow")[-1]
+    assert a["policy/ratio_first_mb"] == 1.0 and b["policy/ratio_first_mb"] == pytest.approx(1.0, abs=1e-6)
+    assert a["objective/kl"] == pytest.approx(b["objective/kl"], abs=1e-6)
+    assert a["loss/policy"] == pytest.approx(b["loss/policy"], abs=1e-6)
+    for n, p in seen["fast"].items():
+        assert torch.allclose(p, seen["slow"][n], atol=1e-6), n

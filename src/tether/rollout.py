@@ -91,13 +91,29 @@ def sample_batch(policy, tok, prompts, R, device, engine: Engine | None = None) 
 
 
 def join(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded queries + right-padded responses -> ids, attention mask, position ids. The
-    response part of the mask comes from lengths (pad == EOS), positions from the mask (left padding)."""
-    T = batch["response_ids"].shape[1]
-    resp_mask = (torch.arange(T, device=batch["lengths"].device)[None, :] < batch["lengths"][:, None]).long()
-    ids = torch.cat([batch["query_ids"], batch["response_ids"]], dim=1)
-    mask = torch.cat([batch["query_mask"], resp_mask], dim=1)
-    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+    """Left-padded queries + right-padded responses -> one right-padded row per sequence (query, then
+    response): ids (B, L), the attention mask (B, L), a prefix of ones, so causal attention alone hides
+    the padding and SDPA runs its maskless kernel (models.causal_mask), and `at` (B, T), the column whose
+    output predicts each response token (query length - 1 + t). The response part of the mask comes from
+    lengths (pad == EOS); positions are the plain column index."""
+    qm = batch["query_mask"].bool()
+    qlen = qm.sum(1)
+    resp = batch["response_ids"]
+    B, T = resp.shape
+    L = int(qlen.max()) + T
+    ids = torch.zeros(B, L, dtype=resp.dtype, device=resp.device)
+    for i, n in enumerate(qlen.tolist()):
+        ids[i, :n] = batch["query_ids"][i][qm[i]]
+        ids[i, n : n + T] = resp[i]
+    mask = (torch.arange(L, device=resp.device)[None, :] < (qlen + batch["lengths"].to(qlen.device))[:, None]).long()
+    at = qlen[:, None] - 1 + torch.arange(T, device=resp.device)[None, :]
+    return ids, mask, at
+
+
+def response_states(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) read at the columns `at` (B, T) from `join`: (B, T, ...)."""
+    idx = at.view(*at.shape, *([1] * (x.dim() - 2))).expand(*at.shape, *x.shape[2:])
+    return x.gather(1, idx)
 
 
 def trim_padding(batch: dict) -> tuple[dict, int]:
@@ -146,11 +162,11 @@ def policy_forward(model, batch: dict, temperature: float, with_entropy: bool | 
     The LM head runs only on the positions that predict a real response token: the query's logits are
     never needed, nor the padding's, and with a 49k vocabulary the head is a large share of a small
     model's compute (`head_logprobs`, chunked)."""
-    ids, mask, pos = join(batch)
-    Q = batch["query_ids"].shape[1]
+    ids, mask, at = join(batch)
     backbone, lm_head, config = trunk(model)
-    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state[:, Q - 1 : -1]
-    sel = mask[:, Q:].bool()
+    hidden = response_states(backbone(input_ids=ids, attention_mask=causal_mask(mask), use_cache=False).last_hidden_state, at)
+    T = batch["response_ids"].shape[1]
+    sel = torch.arange(T, device=at.device)[None, :] < batch["lengths"].to(at.device)[:, None]  # real response tokens
     res = head_logprobs(hidden[sel], lm_head, batch["response_ids"][sel], getattr(config, "final_logit_softcapping", None),
                         temperature, entropy=with_entropy)
     logp, ent = res if with_entropy else (res, None)

@@ -32,9 +32,10 @@ from tether.errors import TetherError
 from tether.losses import rl
 from tether.losses.lm import sft_loss, token_logprobs
 from tether.monitor import Monitor
-from tether.models import (apply_lora, autocast, default_device, frozen_matrices_in, load_causal_lm, load_reward_model,
-                           load_tokenizer, resolve_dtype, save_pretrained, score_conversations, token_scores)
-from tether.rollout import generate, join, policy_forward, sample_batch, trim_padding, trunk
+from tether.models import (apply_lora, autocast, causal_mask, default_device, frozen_matrices_in, load_causal_lm,
+                           load_reward_model, load_tokenizer, resolve_dtype, save_pretrained, score_conversations,
+                           token_scores)
+from tether.rollout import generate, join, policy_forward, response_states, sample_batch, trim_padding, trunk
 from tether.runloop import NanGuard, Run, clip_gradients, make_optimizer, make_scheduler, seed_everything
 from tether.tasks import load_task, subset
 
@@ -48,9 +49,8 @@ log = logging.getLogger("tether")
 def critic_forward(critic, batch: dict) -> torch.Tensor:
     """V(x, y_<t) for each response token t (B, T): the head at the position before the token.
     (A ValueHead critic has no forward of its own: policy_forward reads it off the policy's pass.)"""
-    ids, mask, pos = join(batch)
-    Q = batch["query_ids"].shape[1]
-    return critic(ids, mask, pos)[:, Q - 1 : -1]
+    ids, mask, at = join(batch)
+    return response_states(critic(ids, mask), at)
 
 
 class SeparateCritic(torch.nn.Module):
@@ -61,8 +61,8 @@ class SeparateCritic(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, mask, pos):
-        return token_scores(self.model, ids, mask, pos)
+    def forward(self, ids, mask):
+        return token_scores(self.model, ids, mask)
 
 
 class SharedCritic(torch.nn.Module):
@@ -87,11 +87,11 @@ class SharedCritic(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
         _both_trainable(policy)
 
-    def forward(self, ids, mask, pos):
+    def forward(self, ids, mask):
         policy = self._policy[0]
         policy.set_adapter("critic")
         try:
-            hidden = trunk(policy)[0](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            hidden = trunk(policy)[0](input_ids=ids, attention_mask=causal_mask(mask), use_cache=False).last_hidden_state
         finally:
             policy.set_adapter("default")
             _both_trainable(policy)
@@ -352,8 +352,15 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             # ---- 2. old log-probs, reference log-probs, values (no autograd) --------------------
             t0 = time.time()
             head = critic if isinstance(critic, ValueHead) else None
+            # One epoch, one optimizer step over the whole batch, nothing in the rewards that needs them
+            # (critic-free, KL as a loss): every minibatch's forward runs before the update, so the old
+            # log-probs are that forward's own (detached; ratio exactly 1) and need no pass of their own.
+            on_policy = (critic is None and kl_as_loss and P.epochs == 1 and ptx is None
+                         and math.ceil(len(prompts) / P.minibatch_size) <= P.grad_accum)
+            old_logp = old_values = None
             with torch.no_grad(), autocast(device, dtype):
-                old_logp, _, old_values = policy_forward(policy, batch, R.temperature, value_head=head)
+                if not on_policy:
+                    old_logp, _, old_values = policy_forward(policy, batch, R.temperature, value_head=head)
                 if ref is None:
                     with policy.disable_adapter():
                         ref_logp, _, _ = policy_forward(policy, batch, R.temperature)
@@ -362,7 +369,8 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 if critic is not None and head is None:
                     old_values = critic_forward(critic, batch)
             old_values = old_values.float() * mask if old_values is not None else None
-            old_logp, ref_logp = old_logp * mask, ref_logp * mask
+            ref_logp = ref_logp * mask
+            old_logp = old_logp * mask if old_logp is not None else torch.zeros_like(ref_logp)  # on_policy: filled by optimise
             timings["time/forward"] = time.time() - t0
             # ---- 3. score -----------------------------------------------------------------------
             t0 = time.time()
@@ -371,15 +379,16 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             score = score.to(device)
             timings["time/score"] = time.time() - t0
             # ---- 4. rewards and 5. advantages ---------------------------------------------------
-            kl = rl.kl_estimate(old_logp, ref_logp, kl_est) * mask  # per token; in the reward or (kl_as_loss) logged
-            seq_kl = kl.sum(1)
+            if not on_policy:  # (on_policy: the KL is logged after optimise has filled old_logp)
+                kl = rl.kl_estimate(old_logp, ref_logp, kl_est) * mask  # per token; in the reward or (kl_as_loss) logged
+                seq_kl = kl.sum(1)
             if algo == "ppo":
                 rewards = rl.kl_penalised_rewards(score, torch.zeros_like(kl) if kl_as_loss else kl, beta, lengths)
                 adv, returns = rl.gae(rewards, old_values, mask, P.gamma, P.lam)
                 if P.whiten_advantages:
                     adv = rl.masked_whiten(adv, mask)
             else:
-                seq_reward = score - (0.0 if kl_as_loss else beta * seq_kl)
+                seq_reward = score if kl_as_loss else score - beta * seq_kl
                 if algo == "grpo":
                     a = rl.grpo_advantages(seq_reward, G, P.grpo_scale_std)
                 elif algo == "rloo":
@@ -391,9 +400,11 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             t0 = time.time()
             stats = optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values,
                              adv, returns, beta, it < P.critic_warmup_steps, ptx, tok, device, dtype,
-                             kl_est if kl_as_loss else None)
+                             kl_est if kl_as_loss else None, fill_old=on_policy)
             scheduler.step()
             timings["time/train"] = time.time() - t0
+            if on_policy:
+                seq_kl = (rl.kl_estimate(old_logp, ref_logp, kl_est) * mask).sum(1)
             # ---- 7. KL control, metrics, samples, checkpoints -----------------------------------
             mean_kl = seq_kl.mean().item()
             if P.adaptive_kl:
@@ -479,10 +490,12 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
 
 
 def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values, adv, returns,
-             beta, critic_only, ptx, tok, device, dtype, kl_loss_est=None) -> dict:
+             beta, critic_only, ptx, tok, device, dtype, kl_loss_est=None, fill_old: bool = False) -> dict:
     """Clipped PPO epochs over one rollout batch. kl_loss_est: the KL as a loss term with that
     estimator (GRPO, kl_in_reward off), None when the KL is in the reward. `critic_only` (critic
-    warm-up) trains the value function alone: no policy, entropy, KL or ptx term."""
+    warm-up) trains the value function alone: no policy, entropy, KL or ptx term. `fill_old` (one
+    epoch, one optimizer step): each minibatch's own detached log-probs are its old ones, written into
+    old_logp."""
     P = cfg.ppo
     norm, budget = P.loss_norm, cfg.rollout.max_new_tokens  # Dr. GRPO's constant: the generation budget
     B = len(batch["lengths"])
@@ -503,6 +516,8 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
             with autocast(device, dtype):
                 logp, ent, values = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy="grad" if P.ent_coef else True,
                                                    value_head=head)
+            if fill_old:
+                old_logp[idx, :T] = logp.detach() * m
             pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx, :T], adv[idx, :T], m, P.clip, P.dual_clip or None, norm, budget)
             if first_ratio is None:
                 first_ratio = s["ratio_mean"]
