@@ -243,7 +243,8 @@ def test_kto_on_unpaired_data_and_on_pairs_logs_kl(tmp_path, request, tok, data)
         policy = load_causal_lm("builtin:tiny")
         policy.load_state_dict(snapshots[step - 1])
         policy.eval()
-        batch = micro_batch(train_set, step - 1, cfg.train.batch_size, cfg.train.seed)
+        lengths = [max(len(e[k]["input_ids"]) for k in direct.UNPAIRED) for e in train_set]  # group_by_length
+        batch = micro_batch(train_set, step - 1, cfg.train.batch_size, cfg.train.seed, lengths)
         assert len(batch) == 4 and all(e["prompt"] != train_set[e["kl_partner"]]["prompt"] for e in batch)
         with torch.no_grad():
             diffs = [direct.sequence_logps(policy, [e["kl"]], pad, cpu, torch.float32)[0].item()

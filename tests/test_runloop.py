@@ -106,3 +106,30 @@ def test_evaluations_and_label_follow_the_same_rule(tmp_path):
     Run(lab, load_config(LabelConfig, None, {"out": str(lab), "seed": 1, "overwrite": True}), continues=True)
     assert sorted(p.name for p in lab.iterdir()) == ["config.yaml"]
     Run(lab, other, continues=True)  # the overwrite switch alone does not make another config
+
+
+def test_length_grouped_micro_batches_cover_each_epoch_once_with_little_padding():
+    """group_by_length: every epoch still visits each item exactly once, in an order that is a pure function
+    of (seed, k); micro-batches hold similar lengths (far less padding than random batches)."""
+    import random
+
+    from tether.runloop import micro_batch
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(203)]
+    items = list(range(203))
+    per_epoch = 26  # ceil(203 / 8)
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[j] for j in b) - sum(lengths[j] for j in b) for b in batches)
+
+    for epoch in (0, 1):
+        grouped = [micro_batch(items, epoch * per_epoch + i, 8, 3, lengths) for i in range(per_epoch)]
+        plain = [micro_batch(items, epoch * per_epoch + i, 8, 3) for i in range(per_epoch)]
+        assert sorted(j for b in grouped for j in b) == items
+        assert padding(grouped) < 0.2 * padding(plain)
+        assert [len(b) for b in grouped].count(3) == 1  # the one short micro-batch (203 = 25 * 8 + 3)
+    assert micro_batch(items, 5, 8, 3, lengths) == micro_batch(items, 5, 8, 3, lengths)
+    assert micro_batch(items, 5, 8, 3, lengths) != micro_batch(items, 5, 8, 4, lengths)
+    firsts = [max(lengths[j] for j in micro_batch(items, i, 8, 3, lengths)) for i in range(per_epoch)]
+    assert firsts != sorted(firsts, reverse=True)  # micro-batches run in shuffled order, not longest first

@@ -90,8 +90,9 @@ def test_existing_checkpoints_need_resume(tmp_path, chat_file):
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path, chat_file):
-    one = tiny_cfg(tmp_path, chat_file, "one", **{"train.max_steps": 1, "train.batch_size": 4, "train.grad_accum": 1})
-    two = tiny_cfg(tmp_path, chat_file, "two", **{"train.max_steps": 1, "train.batch_size": 2, "train.grad_accum": 2})
+    # plain order: the same 4 examples in one micro-batch of 4 or two of 2 (length grouping would reorder them)
+    one = tiny_cfg(tmp_path, chat_file, "one", **{"train.max_steps": 1, "train.batch_size": 4, "train.grad_accum": 1, "train.group_by_length": False})
+    two = tiny_cfg(tmp_path, chat_file, "two", **{"train.max_steps": 1, "train.batch_size": 2, "train.grad_accum": 2, "train.group_by_length": False})
     sft.train(one), sft.train(two)
     m1 = next(m for m in metrics(tmp_path / "one") if "train/loss" in m)
     m2 = next(m for m in metrics(tmp_path / "two") if "train/loss" in m)

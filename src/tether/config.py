@@ -58,6 +58,7 @@ class TrainConfig:
     lr: float = 2e-5  # peak learning rate
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    group_by_length: bool = True  # micro-batches of similar lengths (less padding), in shuffled order
     schedule: str = _choice("cosine", ("cosine", "linear", "constant"))
     warmup_steps: int = 0  # linear warm-up from 0 to lr
     weight_decay: float = 0.0  # AdamW decay, on matrices only (never norms or biases)

@@ -379,13 +379,23 @@ def training_setup(t, model, n_items: int):
     return total_steps, steps_per_epoch, optimizer, scheduler, NanGuard(t.max_nan_skips)
 
 
-def micro_batch(items: list, k: int, batch_size: int, seed: int) -> list:
+def micro_batch(items: list, k: int, batch_size: int, seed: int, lengths: list[int] | None = None, window: int = 16) -> list:
     """The k-th micro-batch of the whole run. Each epoch is a fresh seeded permutation, so the data
-    position is a pure function of k: resuming at step s simply continues at k = s * grad_accum."""
+    position is a pure function of k: resuming at step s simply continues at k = s * grad_accum.
+
+    With `lengths` (group_by_length, as Hugging Face Trainer's): the epoch's shuffled order is cut into
+    windows of `window` micro-batches, each window sorted by length, and the epoch's micro-batches then
+    run in a shuffled order, so a micro-batch holds examples of similar length (little padding) while
+    the order stays random."""
     per_epoch = math.ceil(len(items) / batch_size)
     epoch, i = divmod(k, per_epoch)
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return [items[j] for j in order[i * batch_size : (i + 1) * batch_size].tolist()]
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(items), generator=g).tolist()
+    if lengths is not None:
+        w = window * batch_size
+        order = [j for s in range(0, len(order), w) for j in sorted(order[s : s + w], key=lambda j: -lengths[j])]
+        i = int(torch.randperm(per_epoch, generator=g)[i])
+    return [items[j] for j in order[i * batch_size : (i + 1) * batch_size]]
 
 
 def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, start_step: int = 0,

@@ -404,8 +404,10 @@ def train(cfg: DirectConfig, on_step=None) -> dict:
 
     ref = None  # a frozen reference model kept for per-batch use; None with a cache, LoRA, or no reference
 
+    lengths = [max(len(e[key]["input_ids"]) for key in keys) for e in train_set] if t.group_by_length else None
+
     def step_fn(step: int):
-        batches = [micro_batch(train_set, k, t.batch_size, t.seed) for k in range(step * t.grad_accum, (step + 1) * t.grad_accum)]
+        batches = [micro_batch(train_set, k, t.batch_size, t.seed, lengths) for k in range(step * t.grad_accum, (step + 1) * t.grad_accum)]
         n = sum(len(b) for b in batches)  # the step's loss is a mean over all of its examples, whatever the accumulation
         loss_sum, outs = 0.0, []
         for items in batches:

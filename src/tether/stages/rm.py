@@ -83,8 +83,11 @@ def train(cfg: RMConfig, on_step=None) -> dict:
     pad_id = tok.pad_token_id
     total_steps, _, optimizer, scheduler, guard = training_setup(t, model, len(train_groups))
 
+    # a micro-batch is padded to its longest response
+    lengths = [max(map(len, g["responses"])) for g in train_groups] if t.group_by_length else None
+
     def step_fn(step: int):
-        batches = [D.collate_groups(micro_batch(train_groups, k, t.batch_size, t.seed), pad_id)
+        batches = [D.collate_groups(micro_batch(train_groups, k, t.batch_size, t.seed, lengths), pad_id)
                    for k in range(step * t.grad_accum, (step + 1) * t.grad_accum)]
         n_pairs = sum(len(b["chosen_idx"]) for b in batches)  # the step's loss is a mean over all its pairs
         loss_sum, rc, rr = 0.0, [], []

@@ -82,8 +82,10 @@ def train(cfg: SFTConfig, on_step=None) -> dict:
 
     total_steps, steps_per_epoch, optimizer, scheduler, guard = training_setup(t, model, len(train_set))
 
+    lengths = [len(e["input_ids"]) for e in train_set] if t.group_by_length else None
+
     def step_fn(step: int):
-        batches = [D.collate(micro_batch(train_set, k, t.batch_size, t.seed), pad_id)
+        batches = [D.collate(micro_batch(train_set, k, t.batch_size, t.seed, lengths), pad_id)
                    for k in range(step * t.grad_accum, (step + 1) * t.grad_accum)]
         # normalise by the target tokens of the whole step, so accumulation == one large batch
         n_targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
