@@ -118,8 +118,9 @@ def response_states(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
 
 def trim_padding(batch: dict) -> tuple[dict, int]:
     """A rollout (sub)batch without the columns that are padding in every row: responses cut at the longest
-    length, left-padded queries from their first real column. Positions come from the mask, so every real
-    token's log-prob is unchanged. Returns (batch, T) with T the kept response length."""
+    length, left-padded queries from their first real column (`join` drops query padding anyway; this keeps
+    the minibatch's tensors small). Every real token's log-prob is unchanged. Returns (batch, T) with T the
+    kept response length."""
     T = max(int(batch["lengths"].max()), 1)
     q0 = int(batch["query_mask"].any(0).long().argmax())  # first column some query uses
     out = dict(batch, query_ids=batch["query_ids"][:, q0:], query_mask=batch["query_mask"][:, q0:],
