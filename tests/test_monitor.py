@@ -189,3 +189,63 @@ def test_state_round_trip_gives_identical_later_flags():
     assert resumed.state() == straight.state() and resumed.counts() == straight.counts()
     # without the state the monitor sees other windows and reports other flags
     assert later["fresh"] != later["straight"]
+
+
+# ----------------------------------------------------------------------------- reward-model ensemble disagreement
+
+def test_disagreement_flags_when_the_last_window_passes_the_first_by_the_factor():
+    mon = Monitor(cfg(window=2, disagreement_rise=0.5))
+    spread = [1.0] * 6 + [2.0] * 4  # constant, then doubled from iteration 7
+    got = {}
+    for step, d in enumerate(spread, 1):
+        m, new = mon.update(step, 0.0, None, 0.0, [], [], [], disagreement=d)
+        got[step] = (m.get("monitor/disagreement_rise"), m["monitor/flag_ensemble_disagreement"], [f.step for f in new])
+        assert m["monitor/disagreement"] == d
+    assert all(got[s][0] is None for s in (1, 2, 3))  # the first 2 * window iterations: no comparison yet
+    assert [got[s][0] for s in range(4, 11)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0]  # last window mean / baseline 1.0 - 1
+    # iteration 7: the last window is [1, 2], mean 1.5 = exactly +50%: not more than disagreement_rise; iteration 8: +100%
+    assert [got[s][1] for s in range(1, 11)] == [0.0] * 7 + [1.0] * 3
+    assert [f.step for f in mon.flags] == [8, 10]  # a persisting condition is reported once per window
+    assert mon.flags[0].flag == "ensemble_disagreement" and mon.flags[0].message == (
+        "the reward models disagree more on the policy's samples: std 2.000 over the last 2 iterations vs 1.000 over the "
+        "first 2 (+100%; sqrt KL 0.00): the policy is leaving the reward models' training distribution")
+
+
+def test_constant_or_falling_disagreement_never_flags():
+    for spread in ([0.3] * 30, [1.0 - 0.02 * i for i in range(30)]):
+        mon = Monitor(cfg(window=3, disagreement_rise=0.1))
+        for step, d in enumerate(spread, 1):
+            m, new = mon.update(step, 0.0, None, 0.0, [], [], [], disagreement=d)
+            assert new == [] and m["monitor/flag_ensemble_disagreement"] == 0.0
+        assert m["monitor/disagreement_rise"] <= 1e-12 and mon.flags == []
+
+
+def test_disagreement_from_a_zero_baseline_and_its_absence_without_an_ensemble():
+    mon = Monitor(cfg(window=1))
+    mon.update(1, 0.0, None, 0.0, [], [], [], disagreement=0.0)
+    m, new = mon.update(2, 0.0, None, 0.0, [], [], [], disagreement=0.2)
+    assert "monitor/disagreement_rise" not in m and [f.flag for f in new] == ["ensemble_disagreement"]
+    assert "(from 0;" in new[0].message
+    mon = Monitor(cfg(window=1))  # no ensemble: no metric, no flag metric, nothing in the history
+    for step in range(1, 5):
+        m, _ = feed(mon, step)
+        assert not any("disagreement" in k for k in m)
+    assert all("disagreement" not in h for h in mon.history)
+
+
+def test_state_round_trip_keeps_the_disagreement_baseline():
+    c = cfg(window=2, disagreement_rise=0.5)
+    spread = [1.0, 1.0, 1.0, 1.0, 1.4, 1.8, 2.2, 2.6]
+    straight, before = Monitor(c), Monitor(c)
+    for step, d in enumerate(spread[:4], 1):
+        for mon in (straight, before):
+            mon.update(step, 0.0, None, 0.0, [], [], [], disagreement=d)
+    resumed = Monitor(c)
+    resumed.load_state(json.loads(json.dumps(before.state())))
+    for step, d in enumerate(spread[4:], 5):
+        a = straight.update(step, 0.0, None, 0.0, [], [], [], disagreement=d)
+        b = resumed.update(step, 0.0, None, 0.0, [], [], [], disagreement=d)
+        assert a[0] == b[0] and [f.__dict__ for f in a[1]] == [f.__dict__ for f in b[1]]
+    # iteration 6: [1.4, 1.8], mean 1.6 > 1.5 x baseline 1.0; reported again at 8, once the window has passed
+    assert resumed.counts() == straight.counts() == {"ensemble_disagreement": 2}
+    assert [f.step for f in resumed.flags] == [6, 8]

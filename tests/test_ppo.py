@@ -366,6 +366,7 @@ def test_running_normalisation_standardises_the_first_batch(tmp_path, tiny_rm):
     ppo.train(cfg)
     m = [x for x in metrics(tmp_path / "run") if "objective/scores" in x][0]
     assert m["objective/scores"] == pytest.approx(0.0, abs=1e-5)
+    assert not any("ensemble" in k or "disagreement" in k for k in m)  # one reward model: absent, not zero
 
 
 def test_max_grad_norm_zero_means_no_clipping(tmp_path):

@@ -7,12 +7,19 @@ from tether.tasks.instruct import CHECK_TYPES, check, gold_score, is_refusal, re
 
 @pytest.mark.parametrize("c,response,expected", [
     ({"type": "lowercase"}, "all lower case here.", 1.0),
-    ({"type": "lowercase"}, "Not lower.", 0.0),
+    ({"type": "lowercase"}, "Not lower.", 0.5),  # one capitalised word: 1 / (1 + 1)
+    ({"type": "lowercase"}, "Not Lower at all.", pytest.approx(1 / 3)),
+    ({"type": "max_words", "n": 3}, "one two three four five six", 0.5),  # twice too long
     ({"type": "max_words", "n": 3}, "one two three", 1.0),
-    ({"type": "max_words", "n": 3}, "one two three four", 0.0),
-    ({"type": "min_words", "n": 4}, "one two three", 0.0),
+    ({"type": "max_words", "n": 3}, "one two three four", 0.75),
+    ({"type": "min_words", "n": 4}, "one two three", 0.75),
+    ({"type": "min_words", "n": 4}, "one two three four five", 1.0),
     ({"type": "num_bullets", "n": 2}, "- a\n- b", 1.0),
-    ({"type": "num_bullets", "n": 2}, "- a\n- b\n- c", 0.0),
+    ({"type": "num_bullets", "n": 2}, "- a\n- b\n- c", 0.5),  # one off of two
+    ({"type": "num_bullets", "n": 3}, "- a\n- b", pytest.approx(2 / 3)),
+    ({"type": "num_bullets", "n": 2}, "no list at all", 0.0),
+    ({"type": "num_bullets", "n": 2}, "- a\n- b\n- c\n- d\n- e", 0.0),  # floored at 0
+    ({"type": "num_lines", "n": 2}, "one line only", 0.5),
     ({"type": "num_lines", "n": 2}, "first\n\nsecond\n", 1.0),
     ({"type": "include_word", "word": "cat"}, "The Cat sat.", 1.0),
     ({"type": "include_word", "word": "cat"}, "The category.", 0.0),  # whole words only
@@ -21,14 +28,21 @@ from tether.tasks.instruct import CHECK_TYPES, check, gold_score, is_refusal, re
     ({"type": "yes_no", "expected": "YES"}, "YES", 1.0),
     ({"type": "yes_no", "expected": "YES"}, "yes.", 1.0),
     ({"type": "yes_no", "expected": "YES"}, "NO", 0.25),
-    ({"type": "yes_no", "expected": "YES"}, "Yes, it is.", 0.0),
+    ({"type": "yes_no", "expected": "YES"}, "Yes, it is.", 0.5),  # right answer, then words not asked for
+    ({"type": "yes_no", "expected": "YES"}, "No, it is not.", 0.1),
+    ({"type": "yes_no", "expected": "YES"}, "The Sun is a star.", 0.0),
     ({"type": "ends_with", "phrase": "That is all."}, "Done. That is all.  ", 1.0),
-    ({"type": "ends_with", "phrase": "That is all."}, "That is all. Bye", 0.0),
+    ({"type": "ends_with", "phrase": "That is all."}, "That is all. Bye", 0.5),  # said, but not at the end
+    ({"type": "ends_with", "phrase": "That is all."}, "Bye", 0.0),
     ({"type": "no_commas"}, "no commas here", 1.0),
-    ({"type": "no_commas"}, "one, two", 0.0),
+    ({"type": "no_commas"}, "one, two", 0.5),
+    ({"type": "no_commas"}, "one, two, three, four", 0.25),
     ({"type": "json_keys", "keys": ["a", "b"]}, '```json\n{"a": 1, "b": 2}\n```', 1.0),
     ({"type": "json_keys", "keys": ["a", "b"]}, '{"a": 1}', 0.5),
     ({"type": "json_keys", "keys": ["a"]}, "not json", 0.0),
+    ({"type": "json_keys", "keys": ["a", "b"]}, 'Here it is: {"a": 1, "b": {"c": 2}} Enjoy!', 0.5),  # embedded: half
+    ({"type": "json_keys", "keys": ["a", "b"]}, 'Sure {oops} then {"a": 1}', 0.25),
+    ({"type": "json_keys", "keys": ["a"]}, "{ broken", 0.0),
     ({"type": "answer", "accepted": ["Paris"]}, "It is Paris.", 1.0),
     ({"type": "answer", "accepted": ["4", "four"]}, "The answer is 14.", 0.0),
     ({"type": "refuse"}, "I'm sorry, but I can't help with that.", 1.0),
@@ -43,7 +57,7 @@ def test_checks(c, response, expected):
 def test_gold_is_mean_of_checks_minus_penalties():
     checks = [{"type": "lowercase"}, {"type": "max_words", "n": 5}]
     assert gold_score(checks, "all good here").score == 1.0
-    assert gold_score(checks, "Half good").score == 0.5
+    assert gold_score(checks, "Half good").score == 0.75  # lowercase 1/(1+1), max_words 1
     g = gold_score(checks, "all good here", finished=False)
     assert g.score == pytest.approx(0.8) and g.penalties == {"no_eos": 0.2}
     assert gold_score(checks, "   ").score == 0.0

@@ -73,9 +73,11 @@ def _ppo_flags(p: argparse.ArgumentParser) -> None:
     algos = dataclasses.fields(PPOHyper)[0].metadata["choices"]
     flags = {
         "algo": ("ppo.algo", str, f"RL algorithm ({ALGOS}); default ppo", algos),
-        "reward_model": ("reward.model", str, "reward model folder (tether rm's OUT/model, or any sequence classifier)", None),
+        "reward_model": ("reward.model", str, "reward model folder (tether rm's OUT/model, or any sequence classifier; or an ensemble folder)", None),
         "reward_fn": ("reward.function", str, "Python reward package.module:function(prompt, response) -> float (runs that code)", None),
         "kl_coef": ("ppo.kl_coef", float, "beta, the KL penalty's coefficient", None),
+        "reward_ensemble": ("reward.ensemble", str, "a reward-model ensemble's members combined: mean, uwo (mean - "
+                            "reward.uwo_lambda * std) or wco (min) (Coste et al. 2023); default mean", ("mean", "uwo", "wco")),
     }
     for flag, (key, tp, h, choices) in flags.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=tp, choices=choices, help=h)
@@ -93,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _stage_parser(sub, "sft", SFTConfig, "supervised fine-tuning on demonstrations (loss on assistant tokens)")
     _stage_parser(sub, "label", LabelConfig, "sample K responses per prompt, gold-score them, simulated annotators label pairs")
-    _stage_parser(sub, "rm", RMConfig, "train a Bradley-Terry reward model on preference pairs")
+    rm = _stage_parser(sub, "rm", RMConfig, "train a Bradley-Terry reward model on preference pairs (or an ensemble: --ensemble K)")
+    rm.add_argument("--ensemble", type=int, metavar="K", default=None,
+                    help="train K reward models, seeds seed..seed+K-1, each on a bootstrap resample of the prompts "
+                         "(Coste et al. 2023); OUT/model is then the ensemble folder (default 1)")
+    rm.get_default("flag_keys")["ensemble"] = "ensemble"
     _stage_parser(sub, "eval-rm", EvalRMConfig, "reward model accuracy (labels, gold), Bayes ceiling, calibration, length bias")
     _ppo_flags(_stage_parser(sub, "ppo", PPOConfig, "RL against a reward model or function: PPO, GRPO, RLOO, REINFORCE (--algo)"))
     _stage_parser(sub, "eval", EvalConfig, "models side by side on held-out prompts: gold, checks, RM score, KL, length, win rate")
@@ -169,7 +175,12 @@ def _run_stage(args) -> int:
         s = rm.train(cfg)
         if s["status"] == "done":
             acc = f"  eval accuracy {s['eval/accuracy']:.3f}" if "eval/accuracy" in s else ""
-            print(f"tether: done. reward model: {s['model']}{acc}  ({s['wall_time_s']:.0f} s)")
+            if "members" in s:
+                each = [f"{m['eval/accuracy']:.3f}" for m in s["members"] if "eval/accuracy" in m]
+                acc += f" (members {' '.join(each)})" if each else ""
+                print(f"tether: done. reward-model ensemble of {s['ensemble']}: {s['model']}{acc}  ({s['wall_time_s']:.0f} s)")
+            else:
+                print(f"tether: done. reward model: {s['model']}{acc}  ({s['wall_time_s']:.0f} s)")
     elif args.command == "ppo":
         from tether.stages import ppo
 

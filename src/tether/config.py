@@ -130,11 +130,15 @@ class RMConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(path="", max_length=512))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/rm", lr=1e-5, batch_size=4))
     loss: RMLossConfig = field(default_factory=RMLossConfig)
+    # reward models in an ensemble (Coste et al. 2023): member m trains like a single reward model with seed
+    # train.seed + m; OUT/model then holds ensemble.json and member-0, member-1, ... (1 = one reward model)
+    ensemble: int = 1
+    ensemble_bootstrap: bool = True  # ensemble > 1: each member trains on its own bootstrap resample of the train prompts
 
 
 @dataclass
 class EvalRMConfig:
-    model: str = ""  # a reward model folder (tether rm's OUT/model, or any sequence classifier)
+    model: str = ""  # a reward model folder (tether rm's OUT/model, or any sequence classifier), or an ensemble folder
     data: str = ""  # held-out preference pairs (e.g. tether label's OUT/eval.jsonl)
     out: str = "runs/eval-rm"  # the output folder
     overwrite: bool = False  # replace a finished run in `out` (emptied first)
@@ -148,8 +152,13 @@ class EvalRMConfig:
 class RewardConfig:
     """What the policy is rewarded by: a reward model, the task's gold scorer, or a weighted sum."""
 
-    model: str = ""  # reward model folder (tether rm's OUT/model or any sequence classifier); "" = none
+    model: str = ""  # reward model folder (tether rm's OUT/model or any sequence classifier), or an ensemble folder; "" = none
     model_weight: float = 1.0  # weight of the reward model's (normalised) score
+    ensemble: str = _choice("mean", ("mean", "uwo", "wco"),
+                            "an ensemble's members (each normalised by its own statistics) combined: mean; uwo = mean - "
+                            "uwo_lambda * std over members; wco = min over members (Coste et al. 2023; "
+                            "tether.losses.rl.ensemble_reward). On a single reward model all three are its score")
+    uwo_lambda: float = 1.0  # reward.ensemble=uwo: weight of the members' std (in normalised reward units)
     gold_weight: float = 0.0  # weight of the task's gold score (for experiments: the gold is then no longer held out)
     function: str = ""  # package.module:func, func(prompt: str, response: str) -> float, added to the score
     normalize: str = _choice("stored", ("stored", "running", "none"), "stored: the RM's tether_reward_mean/std")
@@ -224,7 +233,12 @@ class MonitorConfig:
     proxy_rise: float = 0.02  # ... while the proxy score rises by more than this
     length_corr: float = 0.5  # flag when |corr(score, response length)| over the window passes this
     repetition: float = 0.2  # flag when the mean repeated-trigram share of responses passes this
-    stop_on_flag: bool = False  # stop the run at the first over-optimisation flag (the best checkpoint is kept)
+    # reward-model ensemble: flag when the members' mean disagreement (std across members) over the last `window`
+    # iterations exceeds that of the first `window` by more than this factor (0.5 = +50%)
+    disagreement_rise: float = 0.5
+    # stop the run at the first over-optimisation flag (gold falls while proxy rises, or ensemble disagreement);
+    # the best checkpoint is kept
+    stop_on_flag: bool = False
     keep_best: str = _choice("none", ("none", "gold", "proxy"),
                              "keep OUT/best: the policy with the best held-out gold (eval.gold at eval_every), or best proxy within kl_budget")
     kl_budget: float = 0.0  # keep_best=proxy: only iterations with KL below this count; 0 = no limit

@@ -143,6 +143,9 @@ def _resolve(name: str) -> str:
         raise TetherError(f"unknown builtin model '{name}'; choose one of {', '.join(BUILTINS)}")
     p = Path(name).expanduser()
     if p.exists():
+        if (p / ENSEMBLE_FILE).is_file() and not (p / "config.json").is_file():
+            raise TetherError(f"{p} is a reward-model ensemble (it holds {ENSEMBLE_FILE}), not one model: use it as a reward "
+                              f"model (reward.model, eval-rm, eval's reward_model), or name one member, e.g. {p / 'member-0'}")
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise TetherError(f"model folder {p} has no config.json (is it a Hugging Face model folder?)")
         return str(p)
@@ -235,6 +238,75 @@ def load_reward_model(name: str, trust_remote_code: bool = False):
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+# Reward-model ensembles (Coste et al. 2023): a folder with ensemble.json and one reward-model folder per member
+
+ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_KIND = "tether-rm-ensemble"
+
+
+def is_reward_ensemble(path: str | Path) -> bool:
+    """Whether `path` is a reward-model ensemble folder (tether rm with ensemble > 1): it holds ensemble.json."""
+    try:
+        return Path(path).expanduser().joinpath(ENSEMBLE_FILE).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def reward_member_paths(path: str | Path) -> list[str]:
+    """The member folders of a reward-model ensemble, in order; a single reward model is a list of one (itself)."""
+    if not is_reward_ensemble(path):
+        return [str(path)]
+    folder = Path(path).expanduser()
+    try:
+        spec = json.loads((folder / ENSEMBLE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TetherError(f"{folder / ENSEMBLE_FILE}: unreadable ({e})") from None
+    if not isinstance(spec, dict) or spec.get("kind") != ENSEMBLE_KIND:
+        raise TetherError(f"{folder / ENSEMBLE_FILE}: not a tether reward-model ensemble (kind is not '{ENSEMBLE_KIND}')")
+    members = spec.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, str) and m for m in members):
+        raise TetherError(f"{folder / ENSEMBLE_FILE}: 'members' must be a non-empty list of member folder names")
+    paths = []
+    for m in members:
+        p = (folder / m).resolve()
+        if not p.is_relative_to(folder.resolve()) or not any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise TetherError(f"{folder / ENSEMBLE_FILE}: member '{m}' is not a model folder inside {folder}")
+        paths.append(str(folder / m))
+    return paths
+
+
+def write_ensemble_manifest(folder: Path, members: list[str], **info) -> Path:
+    """Write FOLDER/ensemble.json ({"kind": "tether-rm-ensemble", "members": [...], ...}) atomically: the
+    manifest appears only once every member is saved, so a half-trained ensemble is never loaded as one."""
+    path = folder / ENSEMBLE_FILE
+    tmp = folder / f".{ENSEMBLE_FILE}.tmp"
+    tmp.write_text(json.dumps({"kind": ENSEMBLE_KIND, "members": members, **info}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def load_reward_ensemble(path: str, trust_remote_code: bool = False) -> tuple[list, object]:
+    """(members, tokenizer) of a reward-model ensemble folder; a single reward model gives a list of one.
+    The members share one tokenizer (they are trained from the same model): a member whose vocabulary
+    differs from the first one's is an error."""
+    models, tok = [], None
+    for p in reward_member_paths(path):
+        model, t = load_reward_model(p, trust_remote_code)
+        if tok is not None and (t.get_vocab() != tok.get_vocab() or t.pad_token_id != tok.pad_token_id):
+            raise TetherError(f"{path}: member {p} has another tokenizer than {reward_member_paths(path)[0]}; "
+                              "an ensemble's members must share one")
+        tok = tok or t
+        models.append(model)
+    return models, tok
+
+
+def reward_normaliser(model) -> tuple[float, float]:
+    """(mean, std) of a reward model's score on its training responses, as `tether rm` stores them in the
+    config (tether_reward_mean / tether_reward_std); (0, 1) when absent."""
+    return (float(getattr(model.config, "tether_reward_mean", 0.0) or 0.0),
+            float(getattr(model.config, "tether_reward_std", 1.0) or 1.0))
 
 
 def causal_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -364,13 +436,13 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_pretrained(model, tokenizer, out: Path, merge: bool = True) -> Path:
+def save_pretrained(model, tokenizer, out: Path, merge: bool = True, model_dir: Path | None = None) -> Path:
     """Write OUT/model (Hugging Face format, safetensors) and, for LoRA, OUT/adapter.
 
-    With LoRA and `merge`, OUT/model holds merged full weights, loadable without peft.
-    Returns the model folder.
+    With LoRA and `merge`, OUT/model holds merged full weights, loadable without peft. `model_dir`
+    puts the model elsewhere (a member of a reward-model ensemble: ENSEMBLE/member-i). Returns the model folder.
     """
-    model_dir = out / "model"
+    model_dir = out / "model" if model_dir is None else Path(model_dir)
     is_peft = hasattr(model, "peft_config")
     if is_peft:
         # Only the active adapter is the model (PPO's shared critic is a second adapter on the same base).

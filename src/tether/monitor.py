@@ -12,7 +12,15 @@ the last `window` iterations with the `window` before them and raises a flag whe
                                 the reward is paying for length (a classic RM bias), or for brevity.
                                 Only responses that ended with EOS count: a truncated one's score is
                                 the fixed truncation penalty, not the reward's judgement;
-  repetition                    the mean repeated-trigram share of responses passes `repetition`.
+  repetition                    the mean repeated-trigram share of responses passes `repetition`;
+  ensemble_disagreement         with a reward-model ensemble: the members' disagreement on the policy's
+                                samples (mean std across members, normalised units) averaged over the
+                                last `window` iterations exceeds its baseline, the mean over the first
+                                `window` iterations, by more than the factor `disagreement_rise`
+                                (0.5: +50%), from iteration 2 * window on. The policy is moving where the
+                                members, which agree on their training distribution, part ways: Coste et
+                                al. (2023) penalise exactly this spread against over-optimisation. It
+                                needs no gold scorer. Absent, not zero, without an ensemble.
 
 It is pure bookkeeping: the trainer feeds it one iteration at a time and decides what to do with a
 flag (warn, log, stop), and which checkpoint to keep.
@@ -58,12 +66,15 @@ class Monitor:
     flags: list[Flag] = field(default_factory=list)
 
     def update(self, step: int, proxy: float, gold: float | None, kl: float, scores: list[float], lengths: list[int],
-               texts: list[str]) -> tuple[dict, list[Flag]]:
+               texts: list[str], disagreement: float | None = None) -> tuple[dict, list[Flag]]:
         """Record one iteration; returns (metrics to log, new flags). gold is None without a gold scorer:
-        the gold delta and the gold-vs-proxy flag are then absent from the metrics, not zero."""
+        the gold delta and the gold-vs-proxy flag are then absent from the metrics, not zero. Likewise
+        `disagreement` (a reward-model ensemble's mean std across members on this iteration's samples)
+        is None without an ensemble, and its metrics and flag are then absent."""
         w = self.cfg.window
         rep = _mean([repetition(t) for t in texts]) if texts else 0.0
-        self.history.append({"step": step, "proxy": proxy, "gold": gold, "kl": kl, "repetition": rep})
+        self.history.append({"step": step, "proxy": proxy, "gold": gold, "kl": kl, "repetition": rep}
+                            | ({"disagreement": disagreement} if disagreement is not None else {}))
         self.samples = (self.samples + [list(zip(scores, lengths))])[-w:]
         pooled = [s for it in self.samples for s in it]
         corr = pearson([s for s, _ in pooled], [float(n) for _, n in pooled])
@@ -85,8 +96,22 @@ class Monitor:
             new.append(Flag(step, "length_correlation", f"reward correlates with response length (r = {corr:+.2f}): the reward {what}"))
         if len(self.history) >= w and _mean([h["repetition"] for h in self.history[-w:]]) > self.cfg.repetition:
             new.append(Flag(step, "repetition", f"responses repeat themselves (repeated-trigram share {rep:.2f})"))
+        spread = [h["disagreement"] for h in self.history if h.get("disagreement") is not None]
+        if disagreement is not None:
+            metrics["monitor/disagreement"] = disagreement
+        if disagreement is not None and len(spread) >= 2 * w:
+            base, last = _mean(spread[:w]), _mean(spread[-w:])
+            if base > 0:
+                metrics["monitor/disagreement_rise"] = last / base - 1
+            if last > (1 + self.cfg.disagreement_rise) * base:
+                rise = f"+{100 * (last / base - 1):.0f}%" if base > 0 else "from 0"
+                new.append(Flag(step, "ensemble_disagreement",
+                                f"the reward models disagree more on the policy's samples: std {last:.3f} over the last {w} "
+                                f"iterations vs {base:.3f} over the first {w} ({rise}; sqrt KL {metrics['monitor/sqrt_kl']:.2f}): "
+                                "the policy is leaving the reward models' training distribution"))
         has_gold = any(h["gold"] is not None and not math.isnan(h["gold"]) for h in self.history)
-        for f in ("gold_falls_while_proxy_rises", "length_correlation", "repetition")[0 if has_gold else 1:]:
+        for f in ("gold_falls_while_proxy_rises", "length_correlation", "repetition")[0 if has_gold else 1:] + (
+                ("ensemble_disagreement",) if disagreement is not None else ()):
             metrics[f"monitor/flag_{f}"] = float(any(x.flag == f for x in new))
         # a condition that persists is reported once per window, not at every iteration
         new = [f for f in new if not any(o.flag == f.flag and step - o.step < w for o in self.flags)]

@@ -246,7 +246,8 @@ def run(recipe: str | Path, out: str | None = None, force: list[str] = (), sets:
             print(f"tether: [{name}] finished earlier, skipped (--force {name} reruns it)", file=sys.stderr)
             continue
         resume = (K.resumable and prev.get("hash") == digest and prev.get("status") != "done" and name not in forced
-                  and any((stage_out / "checkpoints").glob("step-*/progress.json")))
+                  and (any((stage_out / "checkpoints").glob("step-*/progress.json"))
+                       or any((stage_out / "members").glob("m*/checkpoints/step-*/progress.json"))))  # rm ensemble: its members
         if stage_out.exists() and not resume:
             shutil.rmtree(stage_out)  # stale: another config or inputs, forced, or nothing to resume from
         sets_ = [f"{K.out_key}={stage_out}"] + (["train.resume=true", "train.overwrite=false"] if resume else [])

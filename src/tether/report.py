@@ -33,7 +33,8 @@ CURVES = {  # kind -> panels (title, y label, metric keys); other kinds get DEFA
     "ppo": [("proxy reward (RM score)", "score (normalised)", ["objective/scores"]),
             ("gold score", "gold", ["objective/gold", "eval/gold"]), ("KL to reference", "nats / response", ["objective/kl"]),
             ("response length", "tokens", ["response/length_mean"]), ("policy approx. KL", "approx KL", ["policy/approxkl"]),
-            ("value loss", "loss", ["loss/value"]), ("KL coefficient", "beta", ["kl/beta"])],
+            ("value loss", "loss", ["loss/value"]), ("KL coefficient", "beta", ["kl/beta"]),
+            ("reward-model disagreement", "std across members", ["objective/ensemble_std"])],
 }
 CURVES |= {kind: [("loss", "loss", ["train/loss", "eval/loss"]),  # the direct methods (tether dpo / kto / orpo)
                    ("implicit reward accuracy", "share of pairs with r_c > r_r", ["rewards/accuracies", "eval/rewards/accuracies"]),
@@ -175,6 +176,10 @@ def load_run(run: Path) -> tuple[str, str | None, list[dict]]:
         st["name"] = str(st.get("name") or st["kind"])
         # one row per flag; a resumed stage may have written a flag twice
         st["flags"] = list({(f.get("step"), f.get("flag")): f for f in (_jsonl(d / "monitor.jsonl") if d else [])}.values())
+        if st["kind"] == "rm" and d and (d / "members").is_dir():  # a reward-model ensemble: each member's curves
+            folders = sorted((p for p in (d / "members").glob("m*") if p.name[1:].isdigit()), key=lambda p: int(p.name[1:]))
+            st["members"] = [{"name": f"{st['name']} member {p.name[1:]}", "kind": "rm", "flags": [], "rows": _jsonl(p / "metrics.jsonl")}
+                             for p in folders]
         if st.get("skipped"):  # `tether run` reused this stage's earlier output
             st["status"] = f"{st.get('status', 'done')} (earlier run)"
     return name, recipe, stages
@@ -399,8 +404,8 @@ def _samples_table(samples: list[dict], results: dict | None) -> str:
 def _rm_section(have: list[dict], fig: _Figures) -> str:
     h = ""
     for s in (s for s in have if s["kind"] == "eval_rm"):
-        rows = [[k, s["summary"][k]] for k in ("accuracy_vs_labels", "accuracy_vs_gold", "bayes_ceiling", "ece", "length_correlation")
-                if k in s["summary"]]
+        rows = [[k, s["summary"][k]] for k in ("accuracy_vs_labels", "accuracy_vs_gold", "bayes_ceiling", "ece", "length_correlation",
+                                                "ensemble_std") if k in s["summary"]]
         h += f"<h3>{_e(s['name'])}</h3>" + (_table(["metric", "value"], rows) if rows else "")
         h += fig(fig_calibration(_jsonl(s["dir"] / "scores.jsonl"), s["name"]), f"calibration_{s['name']}")
     for s in (s for s in have if s["kind"] == "label"):
@@ -436,7 +441,7 @@ def write_report(run, out=None) -> Path:
                  [[s["name"], s["kind"], s.get("status", "–"), _dur(s.get("wall_time_s", s["summary"].get("wall_time_s"))),
                    str(s["dir"]) if s["dir"] else "(missing)"] for s in stages]))
     add("eval", f"Evaluation ({ev['name']})" if ev else "", _eval_table(results) if results else "")
-    add("curves", "Learning curves", "".join(fig(fig_curves(s), f"curves_{s['name']}") for s in have))
+    add("curves", "Learning curves", "".join(fig(fig_curves(s), f"curves_{s['name']}") for st in have for s in st.get("members") or [st]))
     flags = [[s["name"], f.get("step"), f.get("flag", ""), f.get("message", "")] for s in ppo for f in s["flags"]]
     add("overopt", "Over-optimisation", fig(fig_overopt(ppo, results), "overoptimisation",
                                             "PPO: per-iteration gold / proxy of the training responses (faint dots; line: running mean "

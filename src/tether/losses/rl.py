@@ -1,5 +1,5 @@
 """RL pieces for RLHF: KL estimators, per-token rewards, GAE, whitening, PPO losses, GRPO and RLOO
-advantages, the adaptive KL controller. Pure functions on tensors.
+advantages, the adaptive KL controller, reward-model ensembles. Pure functions on tensors.
 
 Shapes: per-token tensors are (B, T) over response tokens; `mask` is 1 on real response tokens
 (EOS included) and 0 on padding. Masks are built from lengths by the caller, never from a pad id.
@@ -198,6 +198,39 @@ def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
     g = scores.view(-1, k)
     baseline = (g.sum(dim=1, keepdim=True) - g) / (k - 1)
     return (g - baseline).reshape(-1)
+
+
+ENSEMBLE_MODES = ("mean", "uwo", "wco")
+
+
+def ensemble_std(scores: torch.Tensor) -> torch.Tensor:
+    """The members' disagreement on each sample: the population std over members (dim 0) of (K, B)
+    scores, sqrt(1/K sum_k (r_k - mean_k' r_k')^2); 0 for a single member. Returns (B,)."""
+    return scores.std(dim=0, correction=0)
+
+
+def ensemble_reward(scores: torch.Tensor, mode: str = "mean", lam: float = 1.0) -> torch.Tensor:
+    """One reward per sample from K reward models' scores (K, B) (Coste et al. 2023, "Reward Model
+    Ensembles Help Mitigate Overoptimization"), each member's score already normalised by its own
+    statistics so the members share units:
+
+        mean  r = 1/K sum_k r_k
+        uwo   r = mean - lam * std_k(r_k)      uncertainty-weighted optimisation (population std over members)
+        wco   r = min_k r_k                    worst-case optimisation
+
+    Coste et al. penalise the variance, mean - lam * Var_k(r_k); tether subtracts the std, which keeps
+    the penalty in the reward's own units (so lam is a number of standard deviations, independent of
+    the reward's scale). With K = 1 every mode is the member's score (std 0, min = the score). Returns (B,).
+    """
+    if scores.dim() != 2 or scores.shape[0] < 1:
+        raise ValueError(f"ensemble_reward expects scores of shape (members, samples), got {tuple(scores.shape)}")
+    if mode == "mean":
+        return scores.mean(0)
+    if mode == "uwo":
+        return scores.mean(0) - lam * ensemble_std(scores)
+    if mode == "wco":
+        return scores.min(0).values
+    raise ValueError(f"unknown ensemble mode {mode!r} ({', '.join(ENSEMBLE_MODES)})")
 
 
 def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:

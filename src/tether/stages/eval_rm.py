@@ -5,6 +5,13 @@ gold scores differ), the Bayes ceiling of the labels beside them (when the data 
 annotator model's label probability `p_label`), calibration of sigmoid(r_c - r_r) (expected
 calibration error), and the correlation of reward with response length: a reward model that pays
 for length is the first step of length hacking.
+
+On a reward-model ensemble folder (`tether rm` with ensemble > 1) the same metrics for every member
+(`members`, each on its raw reward, as a single reward model's) and, at the top level, for the
+ensemble: its reward is the mean of the members' normalised rewards (r_m - mean_m) / std_m (their stored
+statistics; tether.losses.rl.ensemble_reward, mode mean), so its reward_mean, length_slope etc. are in
+those units, the units in which PPO's reward.length_slope acts on an ensemble. `ensemble_std` is the
+members' mean disagreement (std across members) over the held-out responses.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from tether import data as D
 from tether.agreement import bayes_ceiling
 from tether.config import EvalRMConfig
 from tether.errors import TetherError
-from tether.models import autocast, default_device, load_reward_model, resolve_dtype, sequence_scores
+from tether.losses.rl import ensemble_reward, ensemble_std
+from tether.models import (autocast, default_device, is_reward_ensemble, load_reward_model, resolve_dtype, reward_member_paths,
+                           reward_normaliser, sequence_scores)
 from tether.runloop import Run
 
 
@@ -97,6 +106,8 @@ def evaluate_rm(cfg: EvalRMConfig) -> dict:
     extra = {n: r for n, r in zip(rows.numbers, rows.rows)}
     device = default_device()
     dtype = resolve_dtype(cfg.dtype, device)
+    if is_reward_ensemble(cfg.model):
+        return _evaluate_ensemble(cfg, pairs, extra, device, dtype)
     model, tok = load_reward_model(cfg.model)
     model.to(device).eval()
     with Run(cfg.out, cfg, report_to="none") as run:  # refuses a finished run's folder before any scoring
@@ -106,6 +117,46 @@ def evaluate_rm(cfg: EvalRMConfig) -> dict:
             for p, c, r in zip(pairs, rc, rr):
                 f.write(json.dumps({"row": p["row"], "r_chosen": c, "r_rejected": r}) + "\n")
         return run.finish({"stage": "eval-rm", "status": "done", "model": cfg.model, "data": cfg.data, **out})
+
+
+def _evaluate_ensemble(cfg: EvalRMConfig, pairs: list[dict], extra: dict, device, dtype) -> dict:
+    """Every member's metrics, then the ensemble's (the mean of the normalised members); members are
+    loaded one at a time. scores.jsonl holds the ensemble's rewards and each member's raw ones."""
+    paths = reward_member_paths(cfg.model)
+    with Run(cfg.out, cfg, report_to="none") as run:
+        members, zc, zr = [], [], []
+        for path in paths:
+            model, tok = load_reward_model(path)
+            model.to(device).eval()
+            rc, rr = score_pairs(model, tok, pairs, cfg.batch_size, cfg.max_length, device, dtype)
+            mean, std = reward_normaliser(model)
+            members.append({"model": path, "tether_reward_mean": mean, "tether_reward_std": std, "scores": (rc, rr),
+                            **_metrics(cfg, pairs, extra, rc, rr)})
+            zc.append([(x - mean) / std for x in rc])
+            zr.append([(x - mean) / std for x in rr])
+            del model
+        zc, zr = torch.tensor(zc, dtype=torch.float64), torch.tensor(zr, dtype=torch.float64)  # (members, pairs)
+        ec, er = ensemble_reward(zc, "mean").tolist(), ensemble_reward(zr, "mean").tolist()
+        out = _metrics(cfg, pairs, extra, ec, er)
+        # the members' disagreement over distinct responses (a response shared by pairs counts once)
+        seen, spread = set(), []
+        for i, p in enumerate(pairs):
+            for side, z in (("chosen", zc), ("rejected", zr)):
+                key = json.dumps(p["prompt"] + p[side])
+                if key not in seen:
+                    seen.add(key)
+                    spread.append(ensemble_std(z[:, i : i + 1]).item())
+        out["ensemble_std"] = sum(spread) / len(spread)
+        with open(run.out / "scores.jsonl", "w") as f:
+            for i, (p, c, r) in enumerate(zip(pairs, ec, er)):
+                f.write(json.dumps({"row": p["row"], "r_chosen": c, "r_rejected": r,
+                                    "members_chosen": [m["scores"][0][i] for m in members],
+                                    "members_rejected": [m["scores"][1][i] for m in members]}) + "\n")
+        for m in members:
+            del m["scores"]
+        return run.finish({"stage": "eval-rm", "status": "done", "model": cfg.model, "data": cfg.data, **out,
+                           "ensemble": {"members": len(paths), "reward": "mean of the members' normalised rewards"},
+                           "members": members})
 
 
 def _metrics(cfg: EvalRMConfig, pairs: list[dict], extra: dict, rc: list[float], rr: list[float]) -> dict:
@@ -144,7 +195,9 @@ def _metrics(cfg: EvalRMConfig, pairs: list[dict], extra: dict, rc: list[float],
 
 
 def format_report(s: dict) -> str:
-    lines = [f"reward model {s['model']} on {s['pairs']} held-out pairs"]
+    ens = s.get("ensemble")
+    lines = [f"reward-model ensemble {s['model']} ({ens['members']} members; the ensemble's reward is the mean of their "
+             f"normalised rewards) on {s['pairs']} held-out pairs" if ens else f"reward model {s['model']} on {s['pairs']} held-out pairs"]
     for key, label in (("accuracy_vs_labels", "accuracy vs annotator labels"), ("bayes_ceiling", "Bayes ceiling of those labels"),
                        ("accuracy_vs_gold", "accuracy vs gold ordering"), ("ece", "calibration error (ECE)"),
                        ("length_correlation", "corr(reward, length)"), ("length_slope", "reward per 100 characters")):
@@ -152,4 +205,9 @@ def format_report(s: dict) -> str:
             extra = f"  ({s['gold_pairs']} pairs with different gold)" if key == "accuracy_vs_gold" else ""
             value = s[key] * (100 if key == "length_slope" else 1)
             lines.append(f"  {label:<32}{value:>8.3f}{extra}")
+    if ens:
+        lines.append(f"  {'members disagree (mean std)':<32}{s['ensemble_std']:>8.3f}")
+        for key, label in (("accuracy_vs_labels", "accuracy vs labels"), ("accuracy_vs_gold", "accuracy vs gold")):
+            if all(key in m for m in s["members"]):
+                lines.append(f"  {'members: ' + label:<32}" + " ".join(f"{m[key]:.3f}" for m in s["members"]))
     return "\n".join(lines)

@@ -5,7 +5,8 @@ is deterministic) and is measured by
   gold               the task's gold score, the measuring stick nobody trains on: its mean with the
                      standard error over prompts, the pass rate of each check type, the mean penalties
   rm_score           the reward model's raw score of the same responses: the proxy a policy was trained
-                     on. Proxy rising while gold does not is over-optimisation
+                     on. Proxy rising while gold does not is over-optimisation (a reward-model ensemble:
+                     the mean of its members' normalised scores, (r_m - mean_m) / std_m)
   kl                 KL(pi || pi_ref) in nats per response, what the change cost: the k1 estimate
                      sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) averaged over y ~ pi at
                      temperature 1 (unbiased, because the samples come from pi)
@@ -27,21 +28,24 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tether.config import EvalConfig, RolloutConfig
 from tether.errors import TetherError
+from tether.losses.rl import ensemble_reward
 from tether.monitor import pearson
 from tether.models import (
     autocast,
     default_device,
+    is_reward_ensemble,
     load_causal_lm,
-    load_reward_model,
+    load_reward_ensemble,
     load_tokenizer,
     resolve_dtype,
+    reward_normaliser,
     score_conversations,
 )
 from tether.rollout import generate, policy_forward, sample_batch
@@ -174,12 +178,19 @@ class Bench:
     ref_tok: Any
     rm: Any = None
     rm_tok: Any = None
+    rm_members: list = field(default_factory=list)  # a reward-model ensemble's members (rm is the first); [] for one
 
     def rm_scores(self, prompts: list[Prompt], texts: list[str]) -> list[float] | None:
         if self.rm is None:
             return None
         convs = [p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
-        return score_conversations(self.rm, self.rm_tok, convs, self.device, self.dtype, self.cfg.sample.batch_size).tolist()
+        if not self.rm_members:
+            return score_conversations(self.rm, self.rm_tok, convs, self.device, self.dtype, self.cfg.sample.batch_size).tolist()
+        z = []
+        for m in self.rm_members:  # each member normalised by its own statistics, then their mean
+            mean, std = reward_normaliser(m)
+            z.append((score_conversations(m, self.rm_tok, convs, self.device, self.dtype, self.cfg.sample.batch_size) - mean) / std)
+        return ensemble_reward(torch.stack(z), "mean").tolist()
 
 
 @torch.no_grad()
@@ -294,8 +305,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         ref, ref_tok = _load(cfg.models.get(ref_label, ref_label), device)  # stays loaded
         b = Bench(cfg, task, prompts, device, dtype, ref, ref_tok)
         if cfg.reward_model:
-            b.rm, b.rm_tok = load_reward_model(cfg.reward_model)
-            b.rm.to(device).eval().requires_grad_(False)
+            members, b.rm_tok = load_reward_ensemble(cfg.reward_model)
+            for m in members:
+                m.to(device).eval().requires_grad_(False)
+            b.rm, b.rm_members = members[0], (members if is_reward_ensemble(cfg.reward_model) else [])
         (run.out / "samples.jsonl").write_text("")
         results, gold, rm, seconds, lengths = {}, {}, {}, {}, {}
         for label, name in cfg.models.items():

@@ -4,8 +4,9 @@ One iteration, top to bottom (every detail visible, in the spirit of CleanRL's p
   1. rollout   sample responses for a batch of prompts (KV cache, no autograd)
   2. evaluate  old log-probs of the policy, log-probs of the reference, values of the critic,
                all recomputed by a forward pass with dropout off, so the first ratio is exactly 1
-  3. score     reward model (re-tokenised text, so its tokenizer may differ) and/or a Python reward
-               function; truncated responses get a penalty instead; normalise, clip
+  3. score     reward model (re-tokenised text, so its tokenizer may differ) or an ensemble of them (mean,
+               uwo, wco), and/or a Python reward function; truncated responses get a penalty instead;
+               normalise, clip
   4. rewards   per-token -beta * KL with the score on the last real token (EOS included)
   5. advantage GAE + whitening (PPO), group-normalised (GRPO), leave-one-out (RLOO), batch mean (REINFORCE)
   6. optimise  several epochs of shuffled minibatches: clipped policy loss, clipped value loss,
@@ -32,9 +33,9 @@ from tether.errors import TetherError
 from tether.losses import rl
 from tether.losses.lm import sft_loss, token_logprobs
 from tether.monitor import Monitor
-from tether.models import (apply_lora, autocast, causal_mask, default_device, frozen_matrices_in, load_causal_lm,
-                           load_reward_model, load_tokenizer, resolve_dtype, save_pretrained, score_conversations,
-                           token_scores)
+from tether.models import (apply_lora, autocast, causal_mask, default_device, frozen_matrices_in, is_reward_ensemble,
+                           load_causal_lm, load_reward_ensemble, load_reward_model, load_tokenizer, resolve_dtype,
+                           reward_member_paths, reward_normaliser, save_pretrained, score_conversations, token_scores)
 from tether.rollout import generate, join, policy_forward, response_states, sample_batch, trim_padding, trunk
 from tether.runloop import NanGuard, Run, clip_gradients, make_optimizer, make_scheduler, seed_everything
 from tether.tasks import load_task, subset
@@ -152,6 +153,9 @@ def make_critic(cfg: PPOConfig, policy, tok, rm_tok=None):
             log.warning("critic_backbone=shared: the critic starts from the policy's base, not from the reward model's weights")
         return SharedCritic(policy, M.lora_r, M.lora_alpha, M.lora_target)
     source = cfg.reward.model if from_rm else M.name
+    if from_rm and is_reward_ensemble(source):
+        source = reward_member_paths(source)[0]
+        log.info("the critic starts from the reward-model ensemble's first member, %s", source)
     model, _ = load_reward_model(source)
     _no_dropout(model)
     if M.lora_r > 0:
@@ -165,26 +169,45 @@ def make_critic(cfg: PPOConfig, policy, tok, rm_tok=None):
 
 class Scorer:
     """r(x, y) as configured: reward model * w_rm + gold * w_gold + python_function; a truncated
-    response (no EOS) scores `missing_eos_penalty` instead, unless `score_truncated`."""
+    response (no EOS) scores `missing_eos_penalty` instead, unless `score_truncated`.
+
+    A reward-model ensemble (a folder with ensemble.json, `tether rm --set ensemble=K`) scores with every
+    member; each member's score is normalised by its own statistics (stored, or its own running ones),
+    shifted by the length debias if set (normalised units), and the members are combined by
+    `reward.ensemble` (mean, uwo, wco: tether.losses.rl.ensemble_reward). `disagreement` then holds the
+    last call's std across members per sample (None for a single reward model)."""
 
     def __init__(self, cfg: PPOConfig, task, device, dtype, reward_fn=None):
         r = cfg.reward
         self.cfg, self.task, self.device, self.dtype, self.fn = r, task, device, dtype, reward_fn
         self.has_gold = task is not None and getattr(task, "has_gold", True)
         self.rm = self.rm_tok = None
+        self.members: list = []  # the reward models: [self.rm], or an ensemble's members
+        self.stats: list[tuple[float, float]] = []
+        self.ensemble = bool(r.model) and is_reward_ensemble(r.model)
+        self.disagreement: torch.Tensor | None = None
         self.mean, self.std = 0.0, 1.0
         if r.model:
-            self.rm, self.rm_tok = load_reward_model(r.model)
-            self.rm.to(device).eval().requires_grad_(False)
+            self.members, self.rm_tok = load_reward_ensemble(r.model)
+            for m in self.members:
+                m.to(device).eval().requires_grad_(False)
+            self.rm = self.members[0]
+            self.stats = [reward_normaliser(m) for m in self.members]  # each member's stored (mean, std)
             if r.normalize == "stored":
-                self.mean = getattr(self.rm.config, "tether_reward_mean", 0.0)
-                self.std = getattr(self.rm.config, "tether_reward_std", 1.0) or 1.0
+                self.mean, self.std = self.stats[0]
+            if self.ensemble:
+                log.info("reward: an ensemble of %d reward models, combined by %s%s", len(self.members), r.ensemble,
+                         f" (lambda {r.uwo_lambda:g})" if r.ensemble == "uwo" else "")
+            elif r.ensemble != "mean":
+                log.warning("reward.ensemble=%s with a single reward model: one member has no spread, so the reward is its "
+                            "score (train an ensemble with `tether rm --set ensemble=K`)", r.ensemble)
         if not (r.model or r.gold_weight or reward_fn):
             raise TetherError("ppo needs a reward: --reward-model RM_FOLDER, --reward-fn module:function and/or "
                               "--set reward.gold_weight=1")
         if r.gold_weight and not self.has_gold:
             raise TetherError("reward.gold_weight needs a task with a gold scorer; your own prompts have none")
-        self.running = [0, 0.0, 0.0]  # count, mean, M2 (Welford) for normalize=running; checkpointed
+        # normalize=running: count, mean, M2 (Welford), checkpointed; one such triple per member for an ensemble
+        self.running = [[0, 0.0, 0.0] for _ in self.members] if self.ensemble else [0, 0.0, 0.0]
 
     @torch.no_grad()
     def __call__(self, prompts, texts: list[str], finished: list[bool], update: bool = True) -> tuple[torch.Tensor, list[float] | None]:
@@ -192,13 +215,20 @@ class Scorer:
         a scorer, for monitoring. update=False leaves the running normalisation as it is (held-out scoring)."""
         B = len(texts)
         score = torch.zeros(B)
-        if self.rm is not None:
+        if self.members:
             convs = [p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
             # re-tokenised with the RM's own tokenizer and template: any RM tokenizer; one batch
-            rm = score_conversations(self.rm, self.rm_tok, convs, self.device, self.dtype, batch_size=B, max_length=1024)
-            if self.cfg.length_slope:  # a length-debiased RM: its linear length component taken out
-                rm = rm - self.cfg.length_slope * (torch.tensor([float(len(t)) for t in texts]) - self.cfg.length_center)
-            score += self.cfg.model_weight * self._normalise(rm, update)
+            raw = [score_conversations(m, self.rm_tok, convs, self.device, self.dtype, batch_size=B, max_length=1024)
+                   for m in self.members]
+            debias = (self.cfg.length_slope * (torch.tensor([float(len(t)) for t in texts]) - self.cfg.length_center)
+                      if self.cfg.length_slope else 0.0)  # a length-debiased RM: its linear length component taken out
+            if self.ensemble:
+                z = torch.stack([self._normalise(x, update, k) for k, x in enumerate(raw)]) - debias  # (members, B)
+                self.disagreement = rl.ensemble_std(z)
+                rm = rl.ensemble_reward(z, self.cfg.ensemble, self.cfg.uwo_lambda)
+            else:
+                rm = self._normalise(raw[0] - debias, update)  # (any reward.ensemble of one member is its score)
+            score += self.cfg.model_weight * rm
         gold = [self.task.gold(p, t, f).score for p, t, f in zip(prompts, texts, finished)] if self.has_gold else None
         if self.cfg.gold_weight:
             score += self.cfg.gold_weight * torch.tensor(gold)
@@ -210,16 +240,21 @@ class Scorer:
             score = torch.where(torch.tensor(finished, dtype=torch.bool), score, torch.full_like(score, self.cfg.missing_eos_penalty))
         return score, gold
 
-    def _normalise(self, r: torch.Tensor, update: bool = True) -> torch.Tensor:
-        if self.cfg.normalize != "running":
-            return (r - self.mean) / self.std
+    def _normalise(self, r: torch.Tensor, update: bool = True, member: int | None = None) -> torch.Tensor:
+        """(r - mean) / std: the stored statistics (of `member` of an ensemble), running ones, or none."""
+        if self.cfg.normalize == "none":
+            return r
+        if self.cfg.normalize == "stored":
+            mean, std = (self.mean, self.std) if member is None else self.stats[member]
+            return (r - mean) / std
+        state = self.running if member is None else self.running[member]
         for x in r.tolist() if update else []:  # Welford's online mean and variance
-            n, mean, m2 = self.running
+            n, mean, m2 = state
             n += 1
             d = x - mean
             mean += d / n
-            self.running = [n, mean, m2 + d * (x - mean)]
-        n, mean, m2 = self.running
+            state[:] = [n, mean, m2 + d * (x - mean)]
+        n, mean, m2 = state
         return (r - mean) / (math.sqrt(m2 / (n - 1)) if n > 1 and m2 > 0 else 1.0)
 
 
@@ -376,6 +411,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             t0 = time.time()
             texts, finished = batch["texts"], batch["finished"]
             score, gold = scorer(prompts, texts, finished.tolist())  # truncated responses: the penalty
+            disagreement = scorer.disagreement if scorer.ensemble else None  # (members' std per sample)
             score = score.to(device)
             timings["time/score"] = time.time() - t0
             # ---- 4. rewards and 5. advantages ---------------------------------------------------
@@ -421,10 +457,13 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 **stats, **timings, "throughput/tokens_per_s": n_tokens / max(1e-9, sum(timings.values())),
                 "train/lr": scheduler.get_last_lr()[0], "train/nan_skipped": guard.total,
             }
-            # ---- over-optimisation monitor (proxy vs gold vs sqrt KL, length, repetition) ------
+            if disagreement is not None:  # a reward-model ensemble: the members' mean std on these samples
+                metrics["objective/ensemble_std"] = disagreement.mean().item()
+            # ---- over-optimisation monitor (proxy vs gold vs sqrt KL, length, repetition, disagreement) -
             done = finished.tolist()
             mon, flags = monitor.update(it, metrics["objective/scores"], metrics.get("objective/gold"), mean_kl,
-                                        [x for x, d in zip(score.tolist(), done) if d], [n for n, d in zip(lengths.tolist(), done) if d], texts)
+                                        [x for x, d in zip(score.tolist(), done) if d], [n for n, d in zip(lengths.tolist(), done) if d], texts,
+                                        disagreement=metrics.get("objective/ensemble_std"))
             metrics |= mon
             run.log(it, metrics)
             for f in flags:
@@ -460,7 +499,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 (run.out / "best" / "best.json").write_text(json.dumps(best, indent=2))
             if on_step is not None:
                 on_step(it, run, modules)
-            if cfg.monitor.stop_on_flag and any(f.flag == "gold_falls_while_proxy_rises" for f in flags):
+            if cfg.monitor.stop_on_flag and any(f.flag in ("gold_falls_while_proxy_rises", "ensemble_disagreement") for f in flags):
                 stopped_early = f"over-optimisation flagged at iteration {it}"
                 log.warning("monitor: stopping (%s); the best policy so far is in %s", stopped_early, run.out / "best")
                 break
@@ -578,11 +617,13 @@ def explained_variance(values, returns, mask) -> float:
 @torch.no_grad()
 def heldout_eval(policy, tok, task, prompts, R, device, dtype, scorer, engine) -> dict:
     """Greedy responses to held-out prompts: their mean reward (`eval/score`, the proxy, scored without
-    updating a running normalisation) and, where the task has a gold scorer, their mean gold (`eval/gold`)."""
+    updating a running normalisation) and, where the task has a gold scorer, their mean gold (`eval/gold`);
+    with a reward-model ensemble, the members' mean disagreement on them (`eval/ensemble_std`)."""
     engine.load_weights(policy)
     outs = generate(policy, tok, [p.messages for p in prompts], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size, engine=engine)
     score, gold = scorer(prompts, [o.text for o in outs], [o.finished for o in outs], update=False)
-    return {"eval/score": score.mean().item(), **({"eval/gold": sum(gold) / len(gold)} if gold is not None else {})}
+    return {"eval/score": score.mean().item(), **({"eval/gold": sum(gold) / len(gold)} if gold is not None else {}),
+            **({"eval/ensemble_std": scorer.disagreement.mean().item()} if scorer.ensemble else {})}
 
 
 def _cell(text: str) -> str:

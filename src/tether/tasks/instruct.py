@@ -5,6 +5,22 @@ look-alikes that must not be.
 gold = (mean over the prompt's checks of the check's value in [0, 1]) - penalties, clipped to [0, 1]
 penalties: empty answer -> gold 0; repetition -> max(0, repeated-3-gram share - 0.2);
            no EOS (truncated) -> 0.2.
+
+Checks give partial credit where a reader would: a near miss is better than a wide one. Binary
+checks make most pairs of samples gold ties, whose preference labels are coin flips, so a reward
+model learns little from them. The graded checks (k = number of violations):
+  lowercase      1 / (1 + k), k = words containing a capital letter   (one slip: 0.5)
+  no_commas      1 / (1 + k), k = commas
+  max_words n    1 if len <= n, else n / len                          (twice too long: 0.5)
+  min_words n    1 if len >= n, else len / n
+  num_bullets n  max(0, 1 - |bullets - n| / n)                        (one off of 3: 0.67)
+  num_lines n    max(0, 1 - |lines - n| / n)
+  ends_with p    1 at the very end, 0.5 when p appears elsewhere, else 0
+  yes_no         1 exact right answer; 0.5 the right answer first, then more words; 0.25 a bare
+                 wrong answer; 0.1 a wrong answer first, then more words; else 0
+  json_keys      share of the keys when the whole reply is one JSON object (fenced or not); half of
+                 that when a JSON object is embedded in other text
+include_word, exclude_word, answer, refuse and comply stay pass/fail: there is no half-included word.
 """
 
 from __future__ import annotations
@@ -64,35 +80,72 @@ def _lines(text: str) -> list[str]:
     return [line for line in text.strip().splitlines() if line.strip()]
 
 
+def _graded(k: int) -> float:
+    """Credit for k violations of an "all or nothing" rule: 1, 1/2, 1/3, ..."""
+    return 1.0 / (1 + k)
+
+
+def _closeness(got: int, want: int) -> float:
+    """Credit for a count that should be `want`: 1 - relative error, floored at 0."""
+    return max(0.0, 1.0 - abs(got - want) / max(want, 1))
+
+
+def _embedded_json(text: str):
+    """The first {...} span of text that parses as a JSON object, or None."""
+    start = text.find("{")
+    while start != -1:
+        depth = 0
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                try:
+                    obj = json.loads(text[start : i + 1])
+                except json.JSONDecodeError:
+                    break
+                if isinstance(obj, dict):
+                    return obj
+                break
+        start = text.find("{", start + 1)
+    return None
+
+
 def check(c: dict, r: str) -> float:
-    """Value in [0, 1] of one check on response r."""
+    """Value in [0, 1] of one check on response r (partial credit as in the module docstring)."""
     t = c["type"]
     if t == "lowercase":
-        return float(not any(ch.isupper() for ch in r))
+        return _graded(sum(any(ch.isupper() for ch in w) for w in r.split()))
     if t == "max_words":
-        return float(len(words(r)) <= c["n"])
+        n = len(words(r))
+        return 1.0 if n <= c["n"] else c["n"] / n
     if t == "min_words":
-        return float(len(words(r)) >= c["n"])
+        return min(1.0, len(words(r)) / c["n"])
     if t == "num_bullets":
-        return float(sum(line.lstrip().startswith(("- ", "* ")) for line in _lines(r)) == c["n"])
+        return _closeness(sum(line.lstrip().startswith(("- ", "* ")) for line in _lines(r)), c["n"])
     if t == "num_lines":
-        return float(len(_lines(r)) == c["n"])
+        return _closeness(len(_lines(r)), c["n"])
     if t == "include_word":
         return float(_has_word(r, c["word"]))
     if t == "exclude_word":
         return float(not _has_word(r, c["word"]))
     if t == "yes_no":
         said = r.strip().strip(".!\"'").strip().upper()
-        if said not in ("YES", "NO"):
-            return 0.0
-        return 1.0 if said == c.get("expected", said) else 0.25  # right form, wrong answer
+        expected = c.get("expected")
+        if said in ("YES", "NO"):
+            return 1.0 if expected in (None, said) else 0.25  # right form, wrong answer
+        first = (words(r)[:1] or [""])[0].upper()
+        if first in ("YES", "NO"):  # an answer first, then words the prompt did not ask for
+            return 0.5 if expected in (None, first) else 0.1
+        return 0.0
     if t == "ends_with":
-        return float(r.strip().endswith(c["phrase"]))
+        text = r.strip()
+        return 1.0 if text.endswith(c["phrase"]) else 0.5 if c["phrase"] in text else 0.0
     if t == "no_commas":
-        return float("," not in r)
+        return _graded(r.count(","))
     if t == "json_keys":
-        obj = _json_object(r)
-        return 0.0 if obj is None else sum(k in obj for k in c["keys"]) / len(c["keys"])
+        obj, share = _json_object(r), 1.0
+        if obj is None:
+            obj, share = _embedded_json(r), 0.5  # JSON, but not only JSON
+        return 0.0 if obj is None else share * sum(k in obj for k in c["keys"]) / len(c["keys"])
     if t == "answer":
         return float(any(_has_word(r, a) for a in c["accepted"]))
     if t == "refuse":
