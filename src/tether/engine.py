@@ -66,6 +66,15 @@ def _supports_fast(config) -> bool:
             and getattr(config, "pretraining_tp", 1) == 1)
 
 
+def _onednn_bf16() -> bool:
+    """oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on an AVX2-only CPU the packed
+    path raises, so the engine falls back to plain F.linear there."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Engine:
     """Sampling from a causal LM with its own no-grad copy of the weights (see the module docstring)."""
 
@@ -83,7 +92,8 @@ class Engine:
         # bf16 matrices on a CPU go through oneDNN with pre-packed weights: the same products, bit for bit,
         # at 1.7-2.5x the speed of F.linear for the decode step's shapes (batch 16-64 x 576-3072)
         self._packed = (self.impl == "fast" and self.device.type == "cpu" and self.dtype == torch.bfloat16
-                        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+                        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                        and _onednn_bf16())
         self.load_weights(model)
 
     # ---- weights -------------------------------------------------------------------------------
