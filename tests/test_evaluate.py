@@ -42,7 +42,7 @@ register_task(ChecksTask.name, ChecksTask)
 
 MODEL_KEYS = {"model", "gold", "gold_se", "checks", "penalties", "rm_score", "kl", "kl_se", "gold_sampled", "rm_score_sampled",
               "length", "eos_rate", "distinct_1", "distinct_2", "repetition", "win_rate_gold", "win_rate_rm", "time_s",
-              "rm_length_corr"}
+              "rm_length_corr", "gold_vs_baseline", "gold_vs_baseline_se"}
 
 
 def eval_cfg(tmp_path, name="eval", **flags):
@@ -186,6 +186,10 @@ def test_another_model_has_positive_kl_and_its_numbers_match_the_samples(three):
         assert m["checks"]["min_words"] == pytest.approx((rs[0]["checks"]["min_words"] + rs[3]["checks"]["min_words"]) / 2)
         assert set(m["checks"]) == {"min_words", "lowercase", "max_words", "refuse", "comply"}
         assert m["win_rate_gold"] == ev.win_rate([r["gold"] for r in rs], [r["gold"] for r in by["base"]])
+        diff = [r["gold"] - q["gold"] for r, q in zip(rs, by["base"])]  # paired over the same 4 prompts, by hand
+        mean = sum(diff) / 4
+        assert m["gold_vs_baseline"] == pytest.approx(mean)
+        assert m["gold_vs_baseline_se"] == pytest.approx((sum((d - mean) ** 2 for d in diff) / 3 / 4) ** 0.5)
         assert m["win_rate_rm"] == ev.win_rate([r["rm_score"] for r in rs], [r["rm_score"] for r in by["base"]])
     assert noisy["penalties"]["no_eos"] == pytest.approx(0.2)  # 6 tokens, never an EOS
 
@@ -201,7 +205,7 @@ def test_best_of_n_in_a_run(three):
 def test_format_table(three):
     s, _ = three
     table = ev.format_table(s)
-    for text in ("gold (held-out)", "  min_words", "refuses harmful", "no over-refusal", "RM score", "KL to base (nats)",
+    for text in ("gold (held-out)", "  vs base (paired)", "  min_words", "refuses harmful", "no over-refusal", "RM score", "KL to base (nats)",
                  "length (tokens)", "EOS rate", "distinct-2", "win rate vs base (gold)", "best-of-n", "twin", "noisy"):
         assert text in table, text
     assert max(map(len, table.splitlines())) <= 100

@@ -303,7 +303,8 @@ def test_options_adaptive_kl_ptx_running_norm_kl_loss(tmp_path, tiny_rm):
     # the warm-up iteration trains the critic only: no ptx and no KL loss term
     assert all("loss/ptx" in m and "loss/kl" in m for m in ms[1:]) and "loss/ptx" not in ms[0] and "loss/kl" not in ms[0]
     progress = json.loads(next((tmp_path / "opts" / "checkpoints").glob("step-*/progress.json")).read_text())
-    assert progress["reward_running"][0] == 2 * 3  # Welford's count: every RM score of both rollouts (3 prompts each)
+    assert len(progress["reward_running"]) == 1  # one (count, mean, M2) per reward model
+    assert progress["reward_running"][0][0] == 2 * 3  # Welford's count: every RM score of both rollouts (3 prompts each)
     assert all(abs(m["objective/scores"]) <= 0.3 + 1e-6 for m in ms)          # reward clipping
     # the controller moved beta from its start as Ziegler et al.'s rule says for the measured KL
     beta = 0.05

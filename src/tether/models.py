@@ -291,12 +291,11 @@ def load_reward_ensemble(path: str, trust_remote_code: bool = False) -> tuple[li
     """(members, tokenizer) of a reward-model ensemble folder; a single reward model gives a list of one.
     The members share one tokenizer (they are trained from the same model): a member whose vocabulary
     differs from the first one's is an error."""
-    models, tok = [], None
-    for p in reward_member_paths(path):
+    models, tok, paths = [], None, reward_member_paths(path)
+    for p in paths:
         model, t = load_reward_model(p, trust_remote_code)
         if tok is not None and (t.get_vocab() != tok.get_vocab() or t.pad_token_id != tok.pad_token_id):
-            raise TetherError(f"{path}: member {p} has another tokenizer than {reward_member_paths(path)[0]}; "
-                              "an ensemble's members must share one")
+            raise TetherError(f"{path}: member {p} has another tokenizer than {paths[0]}; an ensemble's members must share one")
         tok = tok or t
         models.append(model)
     return models, tok
@@ -341,21 +340,27 @@ def sequence_scores(model, input_ids: torch.Tensor, lengths: torch.Tensor) -> to
 @torch.no_grad()
 def score_conversations(rm, rm_tok, conversations: list[list[dict]], device, dtype, batch_size: int = 16,
                         max_length: int = 1024) -> torch.Tensor:
-    """Reward-model scores (N,) in fp32 on the CPU of whole conversations (prompt + response messages).
+    """Reward-model scores (N,) in fp32 on the CPU of whole conversations (prompt + response messages);
+    `rm` may also be a list of reward models sharing `rm_tok` (an ensemble's members): then (K, N), the
+    conversations tokenised once for all of them.
 
     Each conversation is re-tokenised with the reward model's own tokenizer and chat template (so it
     may differ from the policy's), right-padded with its pad id and scored at its last real token."""
     from tether.data import tokenize_scored
 
-    out = []
+    members = rm if isinstance(rm, (list, tuple)) else [rm]
+    out: list[list[torch.Tensor]] = [[] for _ in members]
     for i in range(0, len(conversations), batch_size):
         ids = [tokenize_scored(rm_tok, c, max_length) for c in conversations[i : i + batch_size]]
         x = torch.full((len(ids), max(map(len, ids))), rm_tok.pad_token_id, dtype=torch.long)
         for j, s in enumerate(ids):
             x[j, : len(s)] = torch.tensor(s)
-        with autocast(device, dtype):
-            out.append(sequence_scores(rm, x.to(device), torch.tensor([len(s) for s in ids])).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        lengths = torch.tensor([len(s) for s in ids])
+        for k, m in enumerate(members):
+            with autocast(device, dtype):
+                out[k].append(sequence_scores(m, x.to(device), lengths).float().cpu())
+    scores = torch.stack([torch.cat(o) if o else torch.zeros(0) for o in out])
+    return scores if isinstance(rm, (list, tuple)) else scores[0]
 
 
 def load_policy(mcfg, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

@@ -369,7 +369,8 @@ def _eval_table(results: dict) -> str:
         return _N(_fmt(m.get(k), digits) + (f" ± {_fmt(m.get(se), digits)}" if se and _num(m.get(se)) else "") if _num(m.get(k)) else "–")
 
     rows = [["model"] + [m.get("model", "") for m in models.values()],
-            ["gold ± se"] + [pm(m, "gold", "gold_se") for m in models.values()]]
+            ["gold ± se"] + [pm(m, "gold", "gold_se") for m in models.values()],
+            ["gold vs baseline (paired) ± se"] + [pm(m, "gold_vs_baseline", "gold_vs_baseline_se") for m in models.values()]]
     rows += [[f"check: {c}"] + [(m.get("checks") or {}).get(c) for m in models.values()] for c in checks]
     for label, key in (("RM score", "rm_score"), ("KL to reference (nats)", "kl"), ("gold (sampled)", "gold_sampled"),
                        ("length", "length"), ("EOS rate", "eos_rate"), ("distinct-2", "distinct_2"), ("repetition", "repetition"),

@@ -186,11 +186,10 @@ class Bench:
         convs = [p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
         if not self.rm_members:
             return score_conversations(self.rm, self.rm_tok, convs, self.device, self.dtype, self.cfg.sample.batch_size).tolist()
-        z = []
-        for m in self.rm_members:  # each member normalised by its own statistics, then their mean
-            mean, std = reward_normaliser(m)
-            z.append((score_conversations(m, self.rm_tok, convs, self.device, self.dtype, self.cfg.sample.batch_size) - mean) / std)
-        return ensemble_reward(torch.stack(z), "mean").tolist()
+        raw = score_conversations(self.rm_members, self.rm_tok, convs, self.device, self.dtype, self.cfg.sample.batch_size)
+        stats = torch.tensor([reward_normaliser(m) for m in self.rm_members])  # (K, 2): each member's stored mean, std
+        z = (raw - stats[:, :1]) / stats[:, 1:]  # each member normalised by its own statistics, then their mean
+        return ensemble_reward(z, "mean").tolist()
 
 
 @torch.no_grad()
@@ -330,6 +329,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             if run.stop_requested:
                 return {"stage": "eval", "status": "interrupted"}
         for label, m in results.items():
+            # paired over the same prompts: much tighter than the difference of two means with their own SEs
+            m["gold_vs_baseline"], m["gold_vs_baseline_se"] = mean_se([g - h for g, h in zip(gold[label], gold[baseline])])
             m["win_rate_gold"] = win_rate(gold[label], gold[baseline])
             m["win_rate_rm"] = win_rate(rm[label], rm[baseline]) if b.rm is not None else None
             m["time_s"] = round(seconds[label], 2)
@@ -364,6 +365,9 @@ def format_table(s: dict) -> str:
 
     lines = [f"{s['task']}: {s['prompts']} held-out prompts", row("", list(models)),
              row("gold (held-out)", [f"{m['gold']:.3f}±{m['gold_se']:.2f}" for m in ms])]
+    if all("gold_vs_baseline" in m for m in ms):
+        lines.append(row(f"  vs {s['baseline']} (paired)", ["-" if label == s["baseline"] else f"{m['gold_vs_baseline']:+.3f}±{m['gold_vs_baseline_se']:.2f}"
+                                                          for label, m in models.items()]))
     for check in dict.fromkeys(k for m in ms for k in m["checks"]):
         lines.append(row("  " + CHECK_NAMES.get(check, check), [_fmt(m["checks"].get(check)) for m in ms]))
     if s.get("reward_model"):

@@ -186,15 +186,12 @@ class Scorer:
         self.stats: list[tuple[float, float]] = []
         self.ensemble = bool(r.model) and is_reward_ensemble(r.model)
         self.disagreement: torch.Tensor | None = None
-        self.mean, self.std = 0.0, 1.0
         if r.model:
             self.members, self.rm_tok = load_reward_ensemble(r.model)
             for m in self.members:
                 m.to(device).eval().requires_grad_(False)
             self.rm = self.members[0]
             self.stats = [reward_normaliser(m) for m in self.members]  # each member's stored (mean, std)
-            if r.normalize == "stored":
-                self.mean, self.std = self.stats[0]
             if self.ensemble:
                 log.info("reward: an ensemble of %d reward models, combined by %s%s", len(self.members), r.ensemble,
                          f" (lambda {r.uwo_lambda:g})" if r.ensemble == "uwo" else "")
@@ -206,8 +203,8 @@ class Scorer:
                               "--set reward.gold_weight=1")
         if r.gold_weight and not self.has_gold:
             raise TetherError("reward.gold_weight needs a task with a gold scorer; your own prompts have none")
-        # normalize=running: count, mean, M2 (Welford), checkpointed; one such triple per member for an ensemble
-        self.running = [[0, 0.0, 0.0] for _ in self.members] if self.ensemble else [0, 0.0, 0.0]
+        # normalize=running: count, mean, M2 (Welford) per reward model (one for a single RM), checkpointed
+        self.running = [[0, 0.0, 0.0] for _ in self.members]
 
     @torch.no_grad()
     def __call__(self, prompts, texts: list[str], finished: list[bool], update: bool = True) -> tuple[torch.Tensor, list[float] | None]:
@@ -218,16 +215,15 @@ class Scorer:
         if self.members:
             convs = [p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
             # re-tokenised with the RM's own tokenizer and template: any RM tokenizer; one batch
-            raw = [score_conversations(m, self.rm_tok, convs, self.device, self.dtype, batch_size=B, max_length=1024)
-                   for m in self.members]
+            raw = score_conversations(self.members, self.rm_tok, convs, self.device, self.dtype, batch_size=B, max_length=1024)
             debias = (self.cfg.length_slope * (torch.tensor([float(len(t)) for t in texts]) - self.cfg.length_center)
                       if self.cfg.length_slope else 0.0)  # a length-debiased RM: its linear length component taken out
             if self.ensemble:
-                z = torch.stack([self._normalise(x, update, k) for k, x in enumerate(raw)]) - debias  # (members, B)
+                z = torch.stack([self._normalise(x, k, update) for k, x in enumerate(raw)]) - debias  # (members, B)
                 self.disagreement = rl.ensemble_std(z)
                 rm = rl.ensemble_reward(z, self.cfg.ensemble, self.cfg.uwo_lambda)
             else:
-                rm = self._normalise(raw[0] - debias, update)  # (any reward.ensemble of one member is its score)
+                rm = self._normalise(raw[0] - debias, 0, update)  # (any reward.ensemble of one member is its score)
             score += self.cfg.model_weight * rm
         gold = [self.task.gold(p, t, f).score for p, t, f in zip(prompts, texts, finished)] if self.has_gold else None
         if self.cfg.gold_weight:
@@ -240,14 +236,14 @@ class Scorer:
             score = torch.where(torch.tensor(finished, dtype=torch.bool), score, torch.full_like(score, self.cfg.missing_eos_penalty))
         return score, gold
 
-    def _normalise(self, r: torch.Tensor, update: bool = True, member: int | None = None) -> torch.Tensor:
-        """(r - mean) / std: the stored statistics (of `member` of an ensemble), running ones, or none."""
+    def _normalise(self, r: torch.Tensor, member: int, update: bool = True) -> torch.Tensor:
+        """(r - mean) / std with reward model `member`'s stored statistics, its running ones, or none."""
         if self.cfg.normalize == "none":
             return r
         if self.cfg.normalize == "stored":
-            mean, std = (self.mean, self.std) if member is None else self.stats[member]
+            mean, std = self.stats[member]
             return (r - mean) / std
-        state = self.running if member is None else self.running[member]
+        state = self.running[member]
         for x in r.tolist() if update else []:  # Welford's online mean and variance
             n, mean, m2 = state
             n += 1
@@ -369,7 +365,8 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             progress = run.load_checkpoint(modules, optimizer, scheduler, guard)
             it, beta, best, ref_length = progress["step"], progress["beta"], progress["best"], progress["ref_length"]
             monitor.load_state(progress["monitor"])
-            scorer.running = progress.get("reward_running", scorer.running)  # normalize=running continues where it stopped
+            running = progress.get("reward_running", scorer.running)  # normalize=running continues where it stopped
+            scorer.running = [running] if running and not isinstance(running[0], list) else running  # (older: one triple)
         log.info("%s: %d iterations x %d prompts x %d samples, dtype %s", algo.upper(), t.max_steps, R.prompts_per_step,
                  G, str(dtype).replace("torch.", ""))
         if it == 0 and held_out:
