@@ -355,10 +355,10 @@ def score_conversations(rm, rm_tok, conversations: list[list[dict]], device, dty
         x = torch.full((len(ids), max(map(len, ids))), rm_tok.pad_token_id, dtype=torch.long)
         for j, s in enumerate(ids):
             x[j, : len(s)] = torch.tensor(s)
-        lengths = torch.tensor([len(s) for s in ids])
+        x, lengths = x.to(device), torch.tensor([len(s) for s in ids])  # one batch, moved once, for every member
         for k, m in enumerate(members):
             with autocast(device, dtype):
-                out[k].append(sequence_scores(m, x.to(device), lengths).float().cpu())
+                out[k].append(sequence_scores(m, x, lengths).float().cpu())
     scores = torch.stack([torch.cat(o) if o else torch.zeros(0) for o in out])
     return scores if isinstance(rm, (list, tuple)) else scores[0]
 

@@ -181,8 +181,8 @@ class Scorer:
         r = cfg.reward
         self.cfg, self.task, self.device, self.dtype, self.fn = r, task, device, dtype, reward_fn
         self.has_gold = task is not None and getattr(task, "has_gold", True)
-        self.rm = self.rm_tok = None
-        self.members: list = []  # the reward models: [self.rm], or an ensemble's members
+        self.rm_tok = None
+        self.members: list = []  # the reward models: one, or an ensemble's members
         self.stats: list[tuple[float, float]] = []
         self.ensemble = bool(r.model) and is_reward_ensemble(r.model)
         self.disagreement: torch.Tensor | None = None
@@ -190,7 +190,6 @@ class Scorer:
             self.members, self.rm_tok = load_reward_ensemble(r.model)
             for m in self.members:
                 m.to(device).eval().requires_grad_(False)
-            self.rm = self.members[0]
             self.stats = [reward_normaliser(m) for m in self.members]  # each member's stored (mean, std)
             if self.ensemble:
                 log.info("reward: an ensemble of %d reward models, combined by %s%s", len(self.members), r.ensemble,
