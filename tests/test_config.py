@@ -46,6 +46,20 @@ def test_int_promotes_to_float_and_null_for_optional():
     assert cfg.data.eval_path is None
 
 
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    # PyYAML (YAML 1.1) reads 3e-5 as the string '3e-5'; a float field takes it as the number
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 3e-5\n")
+    assert load_config(SFTConfig, recipe).train.lr == 3e-5
+    assert load_config(SFTConfig, None, {}, ["train.lr=1E-4"]).train.lr == 1e-4
+    assert load_config(SFTConfig, None, {}, ["train.lr=-2e+3"]).train.lr == -2000.0
+    assert load_config(SFTConfig, None, {}, ["model.name=1e-4"]).model.name == "1e-4"  # a str field keeps the text
+    with pytest.raises(TetherError, match=r"'train.lr' expects float, got '1e-4x'"):
+        load_config(SFTConfig, None, {}, ["train.lr=1e-4x"])
+    with pytest.raises(TetherError, match=r"'train.batch_size' expects int, got '1e3'"):
+        load_config(SFTConfig, None, {}, ["train.batch_size=1e3"])
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(TetherError, match="config file not found"):
         load_config(SFTConfig, tmp_path / "nope.yaml")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -348,6 +349,9 @@ def _unknown_key(key: str, valid: list[str], where: str) -> TetherError:
     return TetherError(f"unknown config key '{key}'{where}{hint}")
 
 
+_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str, choices: tuple = ()) -> Any:
     """Check (and gently convert) a value against a field's type; int -> float is allowed."""
     origin = typing.get_origin(tp)
@@ -356,6 +360,8 @@ def _coerce(value: Any, tp: Any, key: str, choices: tuple = ()) -> Any:
         if value is None and type(None) in args:
             return None
         tp = next(a for a in args if a is not type(None))
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 (PyYAML) reads 1e-4 and 3e-5, with no dot, as strings
     if typing.get_origin(tp) is dict:
         if not isinstance(value, dict):
             raise TetherError(f"config key '{key}' expects a mapping, got {value!r}")
@@ -404,7 +410,8 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'train.lr=1e-4' -> ('train.lr', 0.0001). Values are parsed as YAML scalars."""
+    """'train.lr=0.001' -> ('train.lr', 0.001). Values are parsed as YAML scalars ('1e-4', which YAML 1.1
+    reads as a string, becomes a float when the key's field is one: see _coerce)."""
     if "=" not in text:
         raise TetherError(f"--set expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
