@@ -88,8 +88,16 @@ def _ppo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-prompts", dest="eval_data", metavar="FILE", help="held-out prompts, answered greedily before and after training")
 
 
+def _flags(p: argparse.ArgumentParser, flags: dict) -> None:
+    """Plain flags, each setting one config key: {flag: (key, type, help)}."""
+    for flag, (key, tp, h) in flags.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=tp, help=h)
+        p.get_default("flag_keys")[flag] = key
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from tether.config import DirectConfig, EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig
+    from tether.config import (CAILabelConfig, CAIReviseConfig, DirectConfig, EvalConfig, EvalRMConfig, LabelConfig, PPOConfig,
+                               RMConfig, SFTConfig)
 
     parser = argparse.ArgumentParser(prog="tether", description="RLHF on one machine: SFT, reward models, PPO, DPO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=None,
                        help="reference log-probs once before training, cached in OUT (default on)")
         p.get_default("flag_keys")["precompute_ref"] = "direct.precompute_ref"
+    cai = sub.add_parser("cai", help="Constitutional AI: self-critique and revision (revise), an AI preference labeller (label)")
+    cai_sub = cai.add_subparsers(dest="cai_command", required=True)
+    rev = _stage_parser(cai_sub, "revise", CAIReviseConfig, "SL-CAI: answer, then rounds of critique and revision against a constitution")
+    lab = _stage_parser(cai_sub, "label", CAILabelConfig, "RL-CAI: an AI labeller picks the better response of each pair (soft labels)")
+    rev.set_defaults(stage="cai-revise")
+    lab.set_defaults(stage="cai-label")
+    for q in (rev, lab):
+        _flags(q, {
+            "constitution": ("constitution", str, "constitution YAML (default builtin:default; see tether.constitution)"),
+            "feedback_url": ("feedback.url", str, "an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1); default: a local model"),
+            "feedback_model": ("feedback.model", str, "the local feedback model, or the model name the server expects"),
+            "api_key_env": ("feedback.api_key_env", str, "name of the environment variable holding the server's API key"),
+        })
+    _flags(rev, {"rounds": ("rounds", int, "critique-revision rounds per prompt (default 2)"),
+                 "categories": ("categories", str, "builtin:instruct prompt categories, e.g. harmful,lookalike")})
+    _flags(lab, {"eval_data": ("eval_data", str, "held-out pairs, labelled the same way")})
+    lab.add_argument("--cot", action="store_true", default=None, help="chain of thought first; the probability clamped to [0.4, 0.6]")
+    lab.get_default("flag_keys")["cot"] = "cot"
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (chat completions; /v1/rewards for a reward model)")
+    p.add_argument("model", help="a causal LM (builtin:*, folder, hub id) or a reward model / ensemble folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", default="", metavar="NAME", help="require `Authorization: Bearer $NAME` on every request")
+    p.add_argument("--name", default=None, help="the model name clients use (default: MODEL as given)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--max-batch", type=int, default=64, help="sequences per engine call")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the batcher waits for more requests")
     p = sub.add_parser("run", help="run a pipeline recipe (stages sft, label, rm, ppo, eval, ...); finished stages are skipped")
     p.add_argument("recipe", help="pipeline recipe YAML (see src/tether/recipes/quickstart.yaml)")
     p.add_argument("--out", default=None, help="run folder (default: the recipe's `out`)")
@@ -158,7 +193,17 @@ def _run_stage(args) -> int:
 
         print(describe(cfg), end="")
         return 0
-    if args.command == "sft":
+    stage = getattr(args, "stage", args.command)
+    if stage in ("cai-revise", "cai-label"):
+        from tether.stages import cai
+
+        if stage == "cai-revise":
+            s = cai.revise(cfg)
+            print(cai.format_revise_report(s))
+        else:
+            s = cai.label(cfg)
+            print(cai.format_label_report(s))
+    elif args.command == "sft":
         from tether.stages import sft
 
         s = sft.train(cfg)
@@ -225,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "quickstart":
                 return pipeline.quickstart(fast=args.fast, out=args.out, force=args.force, sets=args.sets)
             return pipeline.run(args.recipe, out=args.out, force=args.force, sets=args.sets, report=not args.no_report)
+        if args.command == "serve":
+            from tether.serve import serve
+
+            serve(args.model, host=args.host, port=args.port, api_key_env=args.api_key_env, name=args.name, dtype=args.dtype,
+                  max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+            return 0
         if args.command == "report":
             from tether.report import write_report
 

@@ -154,6 +154,8 @@ class RewardConfig:
     """What the policy is rewarded by: a reward model, the task's gold scorer, or a weighted sum."""
 
     model: str = ""  # reward model folder (tether rm's OUT/model or any sequence classifier), or an ensemble folder; "" = none
+    url: str = ""  # or a reward model served over HTTP: `tether serve RM_FOLDER`'s base URL (.../v1), POST /rewards
+    api_key_env: str = ""  # url: name of the environment variable holding the server's API key
     model_weight: float = 1.0  # weight of the reward model's (normalised) score
     ensemble: str = _choice("mean", ("mean", "uwo", "wco"),
                             "an ensemble's members (each normalised by its own statistics) combined: mean; uwo = mean - "
@@ -313,6 +315,64 @@ class DirectConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/dpo", lr=1e-6, batch_size=4, grad_accum=2,
                                                                    warmup_steps=2))
     direct: DirectHyper = field(default_factory=DirectHyper)
+
+
+@dataclass
+class FeedbackConfig:
+    """Who answers CAI's critique, revision and comparison questions: a local model, or an OpenAI-compatible server."""
+    model: str = "builtin:smollm2-135m-instruct"  # a local causal LM (builtin:*, folder, hub id); with url: the server's model name
+    url: str = ""  # an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1 from `tether serve`); "" = the local model
+    api_key_env: str = ""  # name of the environment variable holding the API key (never logged or written); "" = no key
+    concurrency: int = 8  # url: requests in flight at once
+    timeout: float = 60.0  # url: seconds per request before it counts as failed (after retries)
+    max_retries: int = 3  # url: retries with exponential back-off on 408/409/429/5xx and lost connections
+    cache: str = ""  # the answers' disk cache (JSONL); "" = OUT/feedback-cache.jsonl, so a rerun sends nothing twice
+    batch_size: int = 32  # local: sequences per engine call
+    dtype: str = _choice("auto", ("auto", "fp32", "bf16"))
+    trust_remote_code: bool = False
+
+
+@dataclass
+class CAIGenConfig:
+    temperature: float = 0.7  # sampling temperature of responses, critiques and revisions
+    top_p: float = 0.9
+    max_new_tokens: int = 96  # budget of each response and revision; a revision cut at it is dropped (truncated)
+    critique_max_new_tokens: int = 96  # budget of each critique
+
+
+@dataclass
+class CAIReviseConfig:
+    """`tether cai revise` (SL-CAI, Bai et al. 2022): response, then `rounds` x (principle, critique, revision)."""
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    constitution: str = "builtin:default"  # builtin:default or a constitution YAML file (see tether.constitution)
+    task: TaskConfig = field(default_factory=TaskConfig)  # prompts (the train split), unless data.path names your own
+    categories: str = ""  # builtin:instruct only: comma-separated prompt categories (e.g. harmful,lookalike); "" = all
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)  # data.path: your own prompts (prompt-only rows)
+    rounds: int = 2  # critique-revision rounds per prompt
+    few_shot: bool = True  # show the constitution's examples before each critique and revision
+    sample: CAIGenConfig = field(default_factory=CAIGenConfig)
+    out: str = "runs/cai-revise"  # the output folder
+    overwrite: bool = False  # replace a finished run in `out`; else an unfinished one continues (its answers are cached)
+    seed: int = 0  # seeds the principle sampler and the sampling
+
+
+@dataclass
+class CAILabelConfig:
+    """`tether cai label` (RL-CAI, Bai et al. 2022): an AI labeller picks the better response of each pair."""
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    constitution: str = "builtin:default"  # builtin:default or a constitution YAML file; principles need `compare`
+    data: str = ""  # pairs to label: prompt + chosen/rejected (e.g. tether label's train.jsonl) or response_a/response_b
+    eval_data: str = ""  # held-out pairs, labelled the same way (e.g. tether label's eval.jsonl); "" = none
+    max_pairs: int = 0  # label at most this many pairs of each file (seeded draw); 0 = all
+    swap: bool = True  # ask with both orders (A/B swapped) and average, cancelling position bias
+    cot: bool = False  # chain of thought first, then the choice; the probability clamped to [cot_low, cot_high]
+    cot_low: float = 0.4
+    cot_high: float = 0.6
+    cot_max_new_tokens: int = 96  # budget of the chain of thought
+    answer_prefix: str = "The better response is ("  # the start of the labeller's answer, continued by the option letter
+    out: str = "runs/cai-label"  # the output folder
+    overwrite: bool = False  # replace a finished run in `out`; else an unfinished one continues (its answers are cached)
+    seed: int = 0  # seeds the principle sampler and the pair order
 
 
 def config_keys(cls) -> list[str]:

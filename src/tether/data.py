@@ -324,6 +324,33 @@ def normalise_preferences(rows: Rows) -> list[dict]:
     return out
 
 
+def normalise_comparisons(rows: Rows) -> list[dict]:
+    """Validate pairs to be judged (an AI labeller, an annotation app); return {'prompt' (messages),
+    'a', 'b' (message lists), 'row', 'meta' (every other column)}. Either 'response_a' / 'response_b'
+    with a 'prompt', or preference rows (chosen/rejected, explicit or implicit prompt, as
+    `normalise_preferences` reads them), whose chosen becomes 'a'; their labels are not used."""
+    if "response_a" not in rows.rows[0] and "response_b" not in rows.rows[0]:
+        out = []
+        for p, r in zip(normalise_preferences(rows), rows.rows):
+            meta = {k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")}
+            out.append({"prompt": p["prompt"], "a": p["chosen"], "b": p["rejected"], "row": p["row"], "meta": meta})
+        return out
+    out = []
+    for i, r in enumerate(rows.rows):
+        for k in ("prompt", "response_a", "response_b"):
+            if k not in r:
+                raise TetherError(f"{rows.where(i, k)}: missing column (pairs need 'prompt', 'response_a' and 'response_b', "
+                                  "or 'chosen' and 'rejected')")
+        p = r["prompt"]
+        prompt = _messages(p, rows, i, "prompt", need_assistant=False) if isinstance(p, list) else [{"role": "user", "content": _text(p, rows, i, "prompt")}]
+        a, b = _side(r["response_a"], rows, i, "response_a"), _side(r["response_b"], rows, i, "response_b")
+        if a == b:
+            raise TetherError(f"{rows.where(i, 'response_a')}: response_a and response_b are identical")
+        meta = {k: v for k, v in r.items() if k not in ("prompt", "response_a", "response_b")}
+        out.append({"prompt": prompt, "a": a, "b": b, "row": rows.numbers[i], "meta": meta})
+    return out
+
+
 def normalise_unpaired(rows: Rows) -> list[dict]:
     """Validate unpaired (KTO) rows; return {'prompt', 'completion'} as message lists, 'label' (bool:
     is the completion desirable) and the source row number.

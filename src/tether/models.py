@@ -301,6 +301,58 @@ def load_reward_ensemble(path: str, trust_remote_code: bool = False) -> tuple[li
     return models, tok
 
 
+class RemoteRewardModel:
+    """A reward model served over HTTP (`tether serve RM_FOLDER`, or any server with the same `/v1/rewards`:
+    {"conversations": [...]} in; {"members": [[...], ...], "normalizer": [{"mean", "std"}, ...]} out), as
+    OpenRLHF's remote reward model. `score` returns the raw scores (members, N); `stats` each member's
+    stored (mean, std). Retries 429/5xx and lost connections with exponential back-off; a reward that
+    cannot be had stops the run with a clear error (a missing reward is never replaced by a number)."""
+
+    def __init__(self, url: str, api_key_env: str = "", timeout: float = 120.0, max_retries: int = 3):
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/rewards") else "/rewards")
+        self.timeout, self.max_retries = timeout, max_retries
+        self.headers = {"Content-Type": "application/json"}
+        if api_key_env:
+            key = os.environ.get(api_key_env, "")
+            if not key:
+                raise TetherError(f"reward.api_key_env names the environment variable {api_key_env}, which is not set")
+            self.headers["Authorization"] = f"Bearer {key}"
+        probe = self._post([[{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hello!"}]])
+        self.stats = [(float(n["mean"]), float(n["std"]) or 1.0) for n in probe["normalizer"]]
+        self.n_members = len(probe["members"])
+
+    def _post(self, conversations: list[list[dict]]) -> dict:
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"conversations": conversations}).encode()
+        for attempt in range(self.max_retries + 1):
+            req = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    out = json.loads(resp.read())
+                if not isinstance(out.get("members"), list) or not isinstance(out.get("normalizer"), list):
+                    raise TetherError(f"reward server {self.url}: malformed reply (needs 'members' and 'normalizer')")
+                return out
+            except urllib.error.HTTPError as e:
+                if e.code not in (408, 409, 429) and e.code < 500 or attempt == self.max_retries:
+                    raise TetherError(f"reward server {self.url}: HTTP {e.code} ({e.read()[:200]!r})") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == self.max_retries:
+                    raise TetherError(f"reward server {self.url} cannot be reached ({getattr(e, 'reason', e)})") from None
+            except json.JSONDecodeError:
+                raise TetherError(f"reward server {self.url}: the reply is not JSON") from None
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    def score(self, conversations: list[list[dict]]) -> torch.Tensor:
+        members = self._post(conversations)["members"]
+        scores = torch.tensor(members, dtype=torch.float32)
+        if scores.shape != (self.n_members, len(conversations)):
+            raise TetherError(f"reward server {self.url}: {tuple(scores.shape)} scores for {len(conversations)} conversations")
+        return scores
+
+
 def reward_normaliser(model) -> tuple[float, float]:
     """(mean, std) of a reward model's score on its training responses, as `tether rm` stores them in the
     config (tether_reward_mean / tether_reward_std); (0, 1) when absent."""

@@ -45,7 +45,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from tether.config import (DirectConfig, EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig, _set_dotted,
+from tether.config import (CAILabelConfig, CAIReviseConfig, DirectConfig, EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig, _set_dotted,
                            load_config, parse_override, read_yaml)
 from tether.errors import TetherError
 from tether.runloop import _atomic_write_text
@@ -85,11 +85,12 @@ class Kind:
     run: Callable[[Any], dict]
     out_key: str       # the dotted config key of the stage's output folder
     resumable: bool    # has train.resume (label resumes by itself; evaluations are cheap to redo)
+    continues: bool = False  # continues an unfinished run of the same config by itself (label's samples, CAI's answer cache)
 
 
 KINDS = {
     "sft": Kind(SFTConfig, _call("sft", "train"), "train.out", True),
-    "label": Kind(LabelConfig, _call("label", "run_label", "format_report"), "out", False),
+    "label": Kind(LabelConfig, _call("label", "run_label", "format_report"), "out", False, continues=True),
     "rm": Kind(RMConfig, _call("rm", "train"), "train.out", True),
     "eval_rm": Kind(EvalRMConfig, _call("eval_rm", "evaluate_rm", "format_report"), "out", False),
     "ppo": Kind(PPOConfig, _call("ppo", "train"), "train.out", True),
@@ -97,6 +98,8 @@ KINDS = {
     "kto": Kind(DirectConfig, _direct("kto"), "train.out", True),
     "orpo": Kind(DirectConfig, _direct("orpo"), "train.out", True),
     "eval": Kind(EvalConfig, _call("evaluate", "evaluate"), "out", False),
+    "cai_revise": Kind(CAIReviseConfig, _call("cai", "revise", "format_revise_report"), "out", False, continues=True),
+    "cai_label": Kind(CAILabelConfig, _call("cai", "label", "format_label_report"), "out", False, continues=True),
 }
 
 
@@ -248,7 +251,9 @@ def run(recipe: str | Path, out: str | None = None, force: list[str] = (), sets:
         resume = (K.resumable and prev.get("hash") == digest and prev.get("status") != "done" and name not in forced
                   and (any((stage_out / "checkpoints").glob("step-*/progress.json"))
                        or any((stage_out / "members").glob("m*/checkpoints/step-*/progress.json"))))  # rm ensemble: its members
-        if stage_out.exists() and not resume:
+        # a stage that continues by itself keeps an unfinished folder of the same config (its samples, its answer cache)
+        keep = K.continues and prev.get("hash") == digest and prev.get("status") != "done" and name not in forced
+        if stage_out.exists() and not (resume or keep):
             shutil.rmtree(stage_out)  # stale: another config or inputs, forced, or nothing to resume from
         sets_ = [f"{K.out_key}={stage_out}"] + (["train.resume=true", "train.overwrite=false"] if resume else [])
         cfg = load_config(K.config, None, resolved, sets_)

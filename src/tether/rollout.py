@@ -31,8 +31,17 @@ def engine_dtype(model) -> torch.dtype:
 
 
 def prompt_ids(tok, prompts: list[list[dict]]) -> list[list[int]]:
-    """Chat prompts (message lists) -> token ids with the generation prompt appended."""
-    return [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
+    """Chat prompts (message lists) -> token ids with the generation prompt appended. A prompt whose last
+    message is the assistant's is continued: that message's content is the start of the answer
+    (vLLM's `continue_final_message`), so `[..., user, {"role": "assistant", "content": "The answer is ("}]`
+    ends right after the parenthesis."""
+    out = []
+    for p in prompts:
+        prefix = ""
+        if p and p[-1]["role"] == "assistant":
+            p, prefix = p[:-1], p[-1]["content"]
+        out.append(tok(render(tok, p, add_generation_prompt=True) + prefix, add_special_tokens=False)["input_ids"])
+    return out
 
 
 @torch.no_grad()

@@ -260,3 +260,37 @@ def orpo_loss(
     a_r = average_logps(policy_rejected_logps, rejected_lengths)
     l_or = -F.logsigmoid(log_odds(a_c) - log_odds(a_r))
     return -a_c + lam * l_or, lam * a_c, lam * a_r
+
+
+# --------------------------------------------------------------------------------------------------
+# AI feedback labels (RL-CAI)
+
+
+def option_probability(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """The AI labeller's soft label from its log-probabilities of the two option tokens (Bai et al. 2022,
+    "Constitutional AI", Sec. 4.1): the options renormalised, i.e. a softmax over the two,
+
+        p(A) = exp(l_A) / (exp(l_A) + exp(l_B)) = sigma(l_A - l_B)
+
+    Mass the model puts on any other token is ignored. Tensors of any (equal) shape; returns p(A)."""
+    return torch.sigmoid(logp_a - logp_b)
+
+
+def swap_average(p_first_ab: torch.Tensor, p_first_ba: torch.Tensor) -> torch.Tensor:
+    """Position-debiased preference for response 1 over response 2 (Bai et al. 2022 and Zheng et al. 2023,
+    "Judging LLM-as-a-Judge", on position bias): ask twice, with the responses as (A, B) = (1, 2) and
+    (A, B) = (2, 1), and average the probability given to response 1 in each order:
+
+        p(1 > 2) = ( p(A | order 1, 2) + (1 - p(A | order 2, 1)) ) / 2
+
+    A labeller that always says A gets 0.5, whatever the pair."""
+    return 0.5 * (p_first_ab + 1.0 - p_first_ba)
+
+
+def clamp_cot_probability(p: torch.Tensor, low: float = 0.4, high: float = 0.6) -> torch.Tensor:
+    """Chain-of-thought labels are near 0 or 1 (the model has argued itself into an answer), which makes
+    them badly calibrated; Bai et al. 2022 (Sec. 4.1) clamp them into [0.4, 0.6] before training the
+    preference model on them: p' = min(high, max(low, p))."""
+    if not 0.0 <= low <= 0.5 <= high <= 1.0:
+        raise ValueError(f"the clamp needs 0 <= low <= 0.5 <= high <= 1, got [{low}, {high}]")
+    return p.clamp(low, high)

@@ -34,7 +34,7 @@ from tether.losses import rl
 from tether.losses.lm import sft_loss, token_logprobs
 from tether.monitor import Monitor
 from tether.models import (apply_lora, autocast, causal_mask, default_device, frozen_matrices_in, is_reward_ensemble,
-                           load_causal_lm, load_reward_ensemble, load_reward_model, load_tokenizer, resolve_dtype,
+                           load_causal_lm, load_reward_ensemble, load_reward_model, load_tokenizer, RemoteRewardModel, resolve_dtype,
                            reward_member_paths, reward_normaliser, save_pretrained, score_conversations, token_scores)
 from tether.rollout import generate, join, policy_forward, response_states, sample_batch, trim_padding, trunk
 from tether.runloop import NanGuard, Run, clip_gradients, make_optimizer, make_scheduler, seed_everything
@@ -186,7 +186,16 @@ class Scorer:
         self.stats: list[tuple[float, float]] = []
         self.ensemble = bool(r.model) and is_reward_ensemble(r.model)
         self.disagreement: torch.Tensor | None = None
-        if r.model:
+        self.remote = None
+        if r.model and r.url:
+            raise TetherError("reward.model and reward.url both name a reward model; choose one")
+        if r.url:  # a reward model served elsewhere: its members and stored statistics come from the server
+            self.remote = RemoteRewardModel(r.url, r.api_key_env)
+            self.members = [None] * self.remote.n_members
+            self.stats = self.remote.stats
+            self.ensemble = self.remote.n_members > 1
+            log.info("reward: the reward model at %s (%d member%s)", r.url, self.remote.n_members, "s" * self.ensemble)
+        elif r.model:
             self.members, self.rm_tok = load_reward_ensemble(r.model)
             for m in self.members:
                 m.to(device).eval().requires_grad_(False)
@@ -197,7 +206,7 @@ class Scorer:
             elif r.ensemble != "mean":
                 log.warning("reward.ensemble=%s with a single reward model: one member has no spread, so the reward is its "
                             "score (train an ensemble with `tether rm --set ensemble=K`)", r.ensemble)
-        if not (r.model or r.gold_weight or reward_fn):
+        if not (r.model or r.url or r.gold_weight or reward_fn):
             raise TetherError("ppo needs a reward: --reward-model RM_FOLDER, --reward-fn module:function and/or "
                               "--set reward.gold_weight=1")
         if r.gold_weight and not self.has_gold:
@@ -214,7 +223,8 @@ class Scorer:
         if self.members:
             convs = [p.messages + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
             # re-tokenised with the RM's own tokenizer and template: any RM tokenizer; one batch
-            raw = score_conversations(self.members, self.rm_tok, convs, self.device, self.dtype, batch_size=B, max_length=1024)
+            raw = (self.remote.score(convs) if self.remote is not None else
+                   score_conversations(self.members, self.rm_tok, convs, self.device, self.dtype, batch_size=B, max_length=1024))
             debias = (self.cfg.length_slope * (torch.tensor([float(len(t)) for t in texts]) - self.cfg.length_center)
                       if self.cfg.length_slope else 0.0)  # a length-debiased RM: its linear length component taken out
             if self.ensemble:
