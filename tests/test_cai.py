@@ -12,6 +12,7 @@ from tether.config import CAILabelConfig, CAIReviseConfig, load_config
 from tether.constitution import load_constitution
 from tether.errors import TetherError
 from tether.feedback import Cache, ChatReply, ChoiceRequest, Feedback, LocalFeedback, option_logprobs, parse_option
+from tether.labeller import comparison_question
 from tether.losses.preference import clamp_cot_probability, option_probability, swap_average
 from tether.stages import cai
 
@@ -257,12 +258,12 @@ def test_cai_label_soft_labels_swap_average_and_files(tmp_path, tiny_labeller, m
         p_a_shown = []
         for a_first in (True, False):
             a, b = (src["chosen"], src["rejected"]) if a_first else (src["rejected"], src["chosen"])
-            q = cai.comparison_question([{"role": "user", "content": src["prompt"]}], a, b, by_name[r["principle"]])
-            rep = _option_logprobs(tiny_labeller, [{"role": "user", "content": q}, {"role": "assistant", "content": cfg.answer_prefix}])
+            q = comparison_question([{"role": "user", "content": src["prompt"]}], a, b, by_name[r["principle"]])
+            rep = _option_logprobs(tiny_labeller, [{"role": "user", "content": q}, {"role": "assistant", "content": cfg.ai.answer_prefix}])
             p_a_shown.append(float(option_probability(torch.tensor(rep["A"]), torch.tensor(rep["B"]))))
         p_src_chosen = 0.5 * (p_a_shown[0] + 1 - p_a_shown[1])
         assert r["p_orders"] == pytest.approx([p_a_shown[0], 1 - p_a_shown[1]], abs=1e-5)
-        kept = r["input_order_kept"]
+        kept = r["a_chosen"]
         assert r["p_chosen"] == pytest.approx(p_src_chosen if kept else 1 - p_src_chosen, abs=1e-5)
         assert r["p_chosen"] >= 0.5 and r["label_kind"] == "soft"
         assert (r["chosen"] == src["chosen"]) == kept
@@ -277,7 +278,7 @@ def test_cai_label_soft_labels_swap_average_and_files(tmp_path, tiny_labeller, m
 def test_cai_label_cot_clamp_holds(tmp_path, tiny_labeller, monkeypatch):
     pairs, _ = _pairs(tmp_path)
     monkeypatch.setattr(cai, "make_feedback", lambda cfg, path: (setattr(tiny_labeller, "cache", Cache(path)), tiny_labeller)[1])
-    cfg = load_config(CAILabelConfig, None, {"data": str(pairs), "out": str(tmp_path / "cot"), "cot": True, "cot_max_new_tokens": 6})
+    cfg = load_config(CAILabelConfig, None, {"data": str(pairs), "out": str(tmp_path / "cot"), "ai.cot": True, "ai.cot_max_new_tokens": 6})
     s = cai.label(cfg)
     rows = [json.loads(line) for line in (tmp_path / "cot" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and s["train"]["label_kinds"] == {"cot": 2}
@@ -324,3 +325,28 @@ def test_pipeline_rerun_keeps_an_interrupted_cai_stage_and_its_answers(tmp_path,
     pipeline.run(str(recipe), report=False)
     # 6 responses + 6 critiques + 6 revisions asked in all; the 4 answered before the stop come from the cache
     assert fine.cache.hits == 4 and fine.sent == 18 - 4
+
+
+def test_label_with_the_ai_labeller_on_your_own_prompts(tmp_path, tiny_labeller, monkeypatch):
+    """`tether label --set labeller=ai` on a prompt file: K samples each, every distinct pair labelled by the AI, no gold."""
+    from tether.config import LabelConfig
+    from tether.data import normalise_preferences, read_rows
+    from tether.stages import label
+
+    train = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Tell me about the number {i}."} for i in range(3)])
+    held = write_jsonl(tmp_path / "e.jsonl", [{"prompt": [{"role": "user", "content": "Say hi."}]}])
+    monkeypatch.setattr(label, "make_feedback", lambda cfg, path: (setattr(tiny_labeller, "cache", Cache(path)), tiny_labeller)[1])
+    flags = {"model.name": "builtin:tiny", "model.dtype": "fp32", "data.path": str(train), "data.eval_path": str(held),
+             "out": str(tmp_path / "lab"), "sample.k": 3, "sample.max_new_tokens": 6, "sample.temperature": 1.0, "sample.top_p": 1.0}
+    with pytest.raises(TetherError, match="simulated panel votes by the task's gold score"):
+        label.run_label(load_config(LabelConfig, None, flags))
+    s = label.run_label(load_config(LabelConfig, None, {**flags, "labeller": "ai"}))
+    rows = [json.loads(line) for line in (tmp_path / "lab" / "train.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (tmp_path / "lab" / "samples-train.jsonl").read_text().splitlines()]
+    assert len(samples) == 9 and all(x["gold"] is None for x in samples)
+    distinct = sum(len({x["response"] for x in samples if x["prompt_id"] == pid and x["response"].strip()}) for pid in
+                   {x["prompt_id"] for x in samples})
+    assert s["train"]["pairs"] == len(rows) == s["train"]["labelled"] and len(rows) <= 9 and distinct >= 2
+    assert all(0.5 <= r["p_chosen"] <= 1 and r["label_kind"] == "soft" and "chosen_gold" not in r for r in rows)
+    assert s["eval"]["prompts"] == 1 and s["labeller"] == "ai" and "agreement" not in s
+    assert len(normalise_preferences(read_rows(str(tmp_path / "lab" / "train.jsonl")))) == len(rows)

@@ -30,13 +30,13 @@ def _free_port() -> int:
 class Server:
     """`tether serve`'s app under uvicorn in a thread, with a fault injector in front of it."""
 
-    def __init__(self, model="builtin:tiny", api_key="", port=None):
+    def __init__(self, model="builtin:tiny", api_key="", port=None, **kw):
         import uvicorn
         from fastapi.responses import JSONResponse, Response
 
         from tether.serve import build_app
 
-        self.app = build_app(model, api_key=api_key, dtype="fp32")
+        self.app = build_app(model, api_key=api_key, dtype="fp32", **kw)
         self.faults: list[str] = []  # consumed one per request: "429", "sleep", "malformed", "die", "ok"
         self.seen = 0
 
@@ -343,3 +343,20 @@ def test_tether_serve_command_binds_to_loopback_and_answers(tmp_path):
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=20)[0].decode()
     assert "sk-cli-secret" not in out
+
+
+def test_concurrent_requests_are_batched_through_the_engine():
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = Server(batch_wait_ms=300)
+    try:
+        c = _client(srv)
+        batcher = srv.app.state.batcher
+        before = batcher.batches
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda i: c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=4, temperature=0), range(8)))
+        assert len(outs) == 8 and all(o.choices[0].message.content is not None for o in outs)
+        assert batcher.batches - before <= 3  # 8 requests, not 8 engine calls
+    finally:
+        srv.stop()

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "categories": ("categories", str, "builtin:instruct prompt categories, e.g. harmful,lookalike")})
     _flags(lab, {"eval_data": ("eval_data", str, "held-out pairs, labelled the same way")})
     lab.add_argument("--cot", action="store_true", default=None, help="chain of thought first; the probability clamped to [0.4, 0.6]")
-    lab.get_default("flag_keys")["cot"] = "cot"
+    lab.get_default("flag_keys")["cot"] = "ai.cot"
     p = sub.add_parser("serve", help="an OpenAI-compatible server (chat completions; /v1/rewards for a reward model)")
     p.add_argument("model", help="a causal LM (builtin:*, folder, hub id) or a reward model / ensemble folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

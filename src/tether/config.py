@@ -109,11 +109,52 @@ class PanelConfig:
     position_bias: float = 0.3  # logit bonus for the response shown first
     flip_rate: float = 0.05  # probability an annotator's vote is flipped at random
 @dataclass
+class PromptDataConfig:
+    """Your own prompts for RL, instead of a task's: prompt-only rows (`prompt` as a string or a message list)."""
+
+    path: str = ""  # JSONL/JSON/Parquet/CSV file or `datasets` folder of prompts; "" = the task's prompts
+    eval_path: str = ""  # held-out prompts (scored greedily before and after training); "" = none with your own prompts
+
+
+@dataclass
+class FeedbackConfig:
+    """Who answers CAI's critique, revision and comparison questions: a local model, or an OpenAI-compatible server."""
+    model: str = "builtin:smollm2-135m-instruct"  # a local causal LM (builtin:*, folder, hub id); with url: the server's model name
+    url: str = ""  # an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1 from `tether serve`); "" = the local model
+    api_key_env: str = ""  # name of the environment variable holding the API key (never logged or written); "" = no key
+    concurrency: int = 8  # url: requests in flight at once
+    timeout: float = 60.0  # url: seconds per request before it counts as failed (after retries)
+    max_retries: int = 3  # url: retries with exponential back-off on 408/409/429/5xx and lost connections
+    cache: str = ""  # the answers' disk cache (JSONL); "" = OUT/feedback-cache.jsonl, so a rerun sends nothing twice
+    batch_size: int = 32  # local: sequences per engine call
+    dtype: str = _choice("auto", ("auto", "fp32", "bf16"))
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AILabellerConfig:
+    """The AI labeller's questions (tether.labeller; RL-CAI, Bai et al. 2022)."""
+    swap: bool = True  # ask with both orders (A/B swapped) and average, cancelling position bias
+    cot: bool = False  # chain of thought first, then the choice; the probability clamped to [cot_low, cot_high]
+    cot_low: float = 0.4
+    cot_high: float = 0.6
+    cot_max_new_tokens: int = 96  # budget of the chain of thought
+    answer_prefix: str = "The better response is ("  # the start of the labeller's answer, continued by the option letter
+
+
+@dataclass
 class LabelConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)  # your own prompts (path; eval_path held out) instead of the task's
     sample: SampleConfig = field(default_factory=SampleConfig)
+    labeller: str = _choice("panel", ("panel", "ai"),
+                            "panel: the simulated annotators (they read the task's gold scores); ai: the AI labeller of RL-CAI "
+                            "(feedback, constitution, ai), which needs no gold and so labels your own prompts' samples too")
     panel: PanelConfig = field(default_factory=PanelConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)  # labeller=ai: the feedback model
+    constitution: str = "builtin:default"  # labeller=ai: the constitution whose `compare` questions are asked
+    ai: AILabellerConfig = field(default_factory=AILabellerConfig)  # labeller=ai: how the questions are asked
     out: str = "runs/label"  # the output folder
     overwrite: bool = False  # replace a finished label run (or one of another config) in `out`; else it continues
     seed: int = 0  # seeds prompt sampling and the panel's votes
@@ -172,14 +213,6 @@ class RewardConfig:
     # eval-rm measures both on held-out responses (summary keys length_slope, length_mean)
     length_slope: float = 0.0
     length_center: float = 0.0  # characters; see length_slope
-@dataclass
-class PromptDataConfig:
-    """Your own prompts for RL, instead of a task's: prompt-only rows (`prompt` as a string or a message list)."""
-
-    path: str = ""  # JSONL/JSON/Parquet/CSV file or `datasets` folder of prompts; "" = the task's prompts
-    eval_path: str = ""  # held-out prompts (scored greedily before and after training); "" = none with your own prompts
-
-
 @dataclass
 class RolloutConfig:
     prompts_per_step: int = 8  # distinct prompts per iteration (each sampled group_size times)
@@ -318,21 +351,6 @@ class DirectConfig:
 
 
 @dataclass
-class FeedbackConfig:
-    """Who answers CAI's critique, revision and comparison questions: a local model, or an OpenAI-compatible server."""
-    model: str = "builtin:smollm2-135m-instruct"  # a local causal LM (builtin:*, folder, hub id); with url: the server's model name
-    url: str = ""  # an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1 from `tether serve`); "" = the local model
-    api_key_env: str = ""  # name of the environment variable holding the API key (never logged or written); "" = no key
-    concurrency: int = 8  # url: requests in flight at once
-    timeout: float = 60.0  # url: seconds per request before it counts as failed (after retries)
-    max_retries: int = 3  # url: retries with exponential back-off on 408/409/429/5xx and lost connections
-    cache: str = ""  # the answers' disk cache (JSONL); "" = OUT/feedback-cache.jsonl, so a rerun sends nothing twice
-    batch_size: int = 32  # local: sequences per engine call
-    dtype: str = _choice("auto", ("auto", "fp32", "bf16"))
-    trust_remote_code: bool = False
-
-
-@dataclass
 class CAIGenConfig:
     temperature: float = 0.7  # sampling temperature of responses, critiques and revisions
     top_p: float = 0.9
@@ -361,15 +379,10 @@ class CAILabelConfig:
     """`tether cai label` (RL-CAI, Bai et al. 2022): an AI labeller picks the better response of each pair."""
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     constitution: str = "builtin:default"  # builtin:default or a constitution YAML file; principles need `compare`
+    ai: AILabellerConfig = field(default_factory=AILabellerConfig)
     data: str = ""  # pairs to label: prompt + chosen/rejected (e.g. tether label's train.jsonl) or response_a/response_b
     eval_data: str = ""  # held-out pairs, labelled the same way (e.g. tether label's eval.jsonl); "" = none
     max_pairs: int = 0  # label at most this many pairs of each file (seeded draw); 0 = all
-    swap: bool = True  # ask with both orders (A/B swapped) and average, cancelling position bias
-    cot: bool = False  # chain of thought first, then the choice; the probability clamped to [cot_low, cot_high]
-    cot_low: float = 0.4
-    cot_high: float = 0.6
-    cot_max_new_tokens: int = 96  # budget of the chain of thought
-    answer_prefix: str = "The better response is ("  # the start of the labeller's answer, continued by the option letter
     out: str = "runs/cai-label"  # the output folder
     overwrite: bool = False  # replace a finished run in `out`; else an unfinished one continues (its answers are cached)
     seed: int = 0  # seeds the principle sampler and the pair order

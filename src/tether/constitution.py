@@ -76,6 +76,14 @@ def _text(value, where: str) -> str:
     return value.strip()
 
 
+def _mapping(value, fields: tuple, where: str, what: str) -> None:
+    if not isinstance(value, dict):
+        raise TetherError(f"{where}: must be a mapping with {', '.join(fields)}")
+    extra = set(value) - set(fields)
+    if extra:
+        raise TetherError(f"{where}: unknown field(s) {', '.join(sorted(extra))}; {what} has {', '.join(fields)}")
+
+
 def _examples(value, where: str) -> tuple:
     if value is None:
         return ()
@@ -84,11 +92,7 @@ def _examples(value, where: str) -> tuple:
     out = []
     for j, ex in enumerate(value, start=1):
         w = f"{where}, example {j}"
-        if not isinstance(ex, dict):
-            raise TetherError(f"{w}: must be a mapping with {', '.join(EXAMPLE_FIELDS)}")
-        extra = set(ex) - set(EXAMPLE_FIELDS)
-        if extra:
-            raise TetherError(f"{w}: unknown field(s) {', '.join(sorted(extra))}; an example has {', '.join(EXAMPLE_FIELDS)}")
+        _mapping(ex, EXAMPLE_FIELDS, w, "an example")
         out.append({k: _text(ex.get(k), f"{w}, field '{k}'") for k in EXAMPLE_FIELDS})
     return tuple(out)
 
@@ -105,11 +109,7 @@ def parse_constitution(data, source: str) -> Constitution:
     principles, names = [], set()
     for i, p in enumerate(items, start=1):
         where = f"{source}, principle {i}"
-        if not isinstance(p, dict):
-            raise TetherError(f"{where}: must be a mapping with name, critique, revision (and optionally compare, examples)")
-        extra = set(p) - set(PRINCIPLE_FIELDS)
-        if extra:
-            raise TetherError(f"{where}: unknown field(s) {', '.join(sorted(extra))}; a principle has {', '.join(PRINCIPLE_FIELDS)}")
+        _mapping(p, PRINCIPLE_FIELDS, where, "a principle")
         name = _text(p.get("name"), f"{where}, field 'name'")
         where = f"{source}, principle {i} ('{name}')"
         if name in names:

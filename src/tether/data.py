@@ -282,6 +282,19 @@ def _side(value, rows: Rows, i: int, field: str) -> list[dict]:
     return [{"role": "assistant", "content": _text(value, rows, i, field)}]
 
 
+def _require(r: dict, keys: tuple, rows: Rows, i: int, hint: str) -> None:
+    for k in keys:
+        if k not in r:
+            raise TetherError(f"{rows.where(i, k)}: missing column ({hint})")
+
+
+def _prompt(value, rows: Rows, i: int) -> list[dict]:
+    """A 'prompt' value: a string (one user message) or a message list."""
+    if isinstance(value, list):
+        return _messages(value, rows, i, "prompt", need_assistant=False)
+    return [{"role": "user", "content": _text(value, rows, i, "prompt")}]
+
+
 def _probability(r: dict, rows: Rows, i: int, field: str) -> float | None:
     if field not in r or r[field] is None:
         return None
@@ -308,8 +321,7 @@ def normalise_preferences(rows: Rows) -> list[dict]:
                 raise TetherError(f"{rows.where(i, k)}: missing column (preference data needs 'chosen' and 'rejected')")
         chosen, rejected = _side(r["chosen"], rows, i, "chosen"), _side(r["rejected"], rows, i, "rejected")
         if "prompt" in r:
-            p = r["prompt"]
-            prompt = _messages(p, rows, i, "prompt", need_assistant=False) if isinstance(p, list) else [{"role": "user", "content": _text(p, rows, i, "prompt")}]
+            prompt = _prompt(r["prompt"], rows, i)
         else:
             if not (isinstance(r["chosen"], list) and isinstance(r["rejected"], list)):
                 raise TetherError(f"{rows.where(i, 'prompt')}: missing column (without 'prompt', chosen and rejected must be message lists)")
@@ -337,12 +349,9 @@ def normalise_comparisons(rows: Rows) -> list[dict]:
         return out
     out = []
     for i, r in enumerate(rows.rows):
-        for k in ("prompt", "response_a", "response_b"):
-            if k not in r:
-                raise TetherError(f"{rows.where(i, k)}: missing column (pairs need 'prompt', 'response_a' and 'response_b', "
-                                  "or 'chosen' and 'rejected')")
-        p = r["prompt"]
-        prompt = _messages(p, rows, i, "prompt", need_assistant=False) if isinstance(p, list) else [{"role": "user", "content": _text(p, rows, i, "prompt")}]
+        _require(r, ("prompt", "response_a", "response_b"), rows, i,
+                 "pairs need 'prompt', 'response_a' and 'response_b', or 'chosen' and 'rejected'")
+        prompt = _prompt(r["prompt"], rows, i)
         a, b = _side(r["response_a"], rows, i, "response_a"), _side(r["response_b"], rows, i, "response_b")
         if a == b:
             raise TetherError(f"{rows.where(i, 'response_a')}: response_a and response_b are identical")
@@ -368,12 +377,9 @@ def normalise_unpaired(rows: Rows) -> list[dict]:
         return out
     out = []
     for i, r in enumerate(rows.rows):
-        for k in ("prompt", "completion", "label"):
-            if k not in r:
-                raise TetherError(f"{rows.where(i, k)}: missing column (unpaired data needs 'prompt', 'completion' and "
-                                  "'label'; pairwise data needs 'chosen' and 'rejected')")
-        p = r["prompt"]
-        prompt = _messages(p, rows, i, "prompt", need_assistant=False) if isinstance(p, list) else [{"role": "user", "content": _text(p, rows, i, "prompt")}]
+        _require(r, ("prompt", "completion", "label"), rows, i,
+                 "unpaired data needs 'prompt', 'completion' and 'label'; pairwise data needs 'chosen' and 'rejected'")
+        prompt = _prompt(r["prompt"], rows, i)
         completion = _side(r["completion"], rows, i, "completion")
         if not isinstance(r["label"], bool):
             raise TetherError(f"{rows.where(i, 'label')}: must be true or false (is the completion desirable?), got {r['label']!r}")

@@ -334,9 +334,9 @@ def _input_files(tree, root: Path) -> list:
 
 
 def _timings(state: dict) -> str:
-    rows = [f"  {s['name']:<14}{s['kind']:<9}{'skipped' if s.get('skipped') else s['status']:<9}{s.get('wall_time_s', 0):>8.0f} s"
+    rows = [f"  {s['name']:<14} {s['kind']:<11} {'skipped' if s.get('skipped') else s['status']:<9}{s.get('wall_time_s', 0):>8.0f} s"
             for s in state["stages"]]
-    return "\n".join(["tether: stage wall times", *rows, f"  {'total':<32}{state.get('wall_time_s', 0):>8.0f} s"])
+    return "\n".join(["tether: stage wall times", *rows, f"  {'total':<36}{state.get('wall_time_s', 0):>8.0f} s"])
 
 
 # --------------------------------------------------------------------------------------------------

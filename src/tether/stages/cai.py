@@ -12,15 +12,11 @@ the answer instead of answering): `check_revision`.
   OUT/sft.jsonl      SFT data: messages = prompt + final revision (chains with an accepted revision)
   OUT/pairs.jsonl    preference data: chosen = final revision, rejected = original
 
-`tether cai label` (RL-CAI): for each pair and a principle drawn at random, the labeller is asked the
-principle's multiple-choice question, "(A) ... (B) ...", and the soft label is its probability of
-the option tokens renormalised over the two (tether.losses.preference.option_probability), averaged
-over both orders (A/B swapped: `swap_average`) to cancel position bias. With `cot` the labeller
-reasons first and the probability is clamped to [cot_low, cot_high]. A server that returns no
-log-probs gives the parsed answer as a hard label (label_kind "hard"). A failed request never becomes
-a label: the pair is dropped and counted.
+`tether cai label` (RL-CAI): the AI labeller (tether.labeller: the constitution's multiple-choice
+questions, soft labels from the option tokens' probabilities, both orders averaged) on the pairs of a
+file; `tether label` with `labeller: ai` does the same on fresh samples of your own prompts.
 
-  OUT/train.jsonl, OUT/eval.jsonl   prompt, chosen, rejected, p_chosen, principle, label_kind, p_orders
+  OUT/train.jsonl, OUT/eval.jsonl   prompt, chosen, rejected, p_chosen, principle, label_kind, p_orders, a_chosen
                                     (and chosen_gold / rejected_gold carried over when the input has them)
 
 Both stages cache every answer (OUT/feedback-cache.jsonl, or feedback.cache): a rerun after a crash
@@ -43,8 +39,8 @@ from tether.config import CAILabelConfig, CAIReviseConfig
 from tether.constitution import Constitution, Principle, load_constitution
 from tether.data import normalise_comparisons, normalise_prompts, read_rows
 from tether.errors import TetherError
-from tether.feedback import ChatRequest, ChoiceRequest, make_feedback
-from tether.losses.preference import clamp_cot_probability, option_probability, swap_average
+from tether.feedback import ChatRequest, make_feedback
+from tether.labeller import ai_label_pairs, check_ai, format_stats
 from tether.runloop import Run, seed_everything
 from tether.tasks import Prompt, load_task, subset
 
@@ -262,31 +258,13 @@ def format_revise_report(s: dict) -> str:
 # RL-CAI: the AI labeller
 
 
-def _text_of(messages: list[dict]) -> str:
-    return "\n".join(m["content"] for m in messages if m["role"] == "assistant").strip()
-
-
-def _conversation(prompt: list[dict]) -> str:
-    names = {"user": "Human", "assistant": "Assistant", "system": "System", "tool": "Tool"}
-    return "\n".join(f"{names[m['role']]}: {m['content']}" for m in prompt)
-
-
-def comparison_question(prompt: list[dict], first: str, second: str, p: Principle, cot: bool = False) -> str:
-    """The multiple-choice question of RL-CAI (Bai et al. 2022, Sec. 4.1), in tether's words."""
-    tail = ("Think it through step by step, then say which response is better." if cot
-            else "Answer with the letter of the better response, A or B.")
-    return (f"Here is a conversation between a human and an AI assistant.\n\n{_conversation(prompt)}\n\n"
-            f"{p.compare}\n\n(A) {first}\n\n(B) {second}\n\n{tail}")
-
-
 def label(cfg: CAILabelConfig) -> dict:
     if not cfg.data:
         raise TetherError("cai label needs pairs: --data PAIRS (prompt + chosen/rejected, or response_a/response_b)")
     seed_everything(cfg.seed)
     constitution = load_constitution(cfg.constitution)
-    if cfg.cot and not 0 <= cfg.cot_low <= 0.5 <= cfg.cot_high <= 1:
-        raise TetherError(f"cot_low/cot_high must satisfy 0 <= low <= 0.5 <= high <= 1, got {cfg.cot_low}, {cfg.cot_high}")
-    summary: dict = {"stage": "cai_label", "status": "done", "constitution": constitution.name, "swap": cfg.swap, "cot": cfg.cot}
+    check_ai(cfg.ai)
+    summary: dict = {"stage": "cai_label", "status": "done", "constitution": constitution.name, "swap": cfg.ai.swap, "cot": cfg.ai.cot}
     with Run(cfg.out, cfg, continues=True, report_to="none") as run:
         fb = make_feedback(cfg.feedback, run.out / "feedback-cache.jsonl")
         try:
@@ -297,7 +275,12 @@ def label(cfg: CAILabelConfig) -> dict:
                 if cfg.max_pairs and cfg.max_pairs < len(pairs):
                     keep = sorted(random.Random(f"{cfg.seed}-{split}-pairs").sample(range(len(pairs)), cfg.max_pairs))
                     pairs = [pairs[i] for i in keep]
-                rows, stats = _label_pairs(fb, constitution, pairs, cfg, split)
+                items = [{"prompt": x["prompt"], "a": x["a"], "b": x["b"], "gold_a": x["meta"].get("chosen_gold"),
+                          "gold_b": x["meta"].get("rejected_gold"),
+                          "extra": {k: x["meta"][k] for k in ("prompt_id",) if k in x["meta"]}} for x in pairs]
+                rows, stats = ai_label_pairs(fb, constitution, items, cfg.ai, cfg.seed, split)
+                # with chosen/rejected input (a = the input's chosen): how often the AI keeps the input's label
+                stats["agrees_with_input"] = sum(r["a_chosen"] for r in rows) / len(rows) if rows else float("nan")
                 _jsonl(run.out / f"{split}.jsonl", rows)
                 summary[split] = {**stats, "path": str(run.out / f"{split}.jsonl")}
         finally:
@@ -308,78 +291,7 @@ def label(cfg: CAILabelConfig) -> dict:
         return run.finish(summary)
 
 
-def _label_pairs(fb, constitution: Constitution, pairs: list[dict], cfg: CAILabelConfig, split: str) -> tuple[list[dict], dict]:
-    sampler = constitution.sampler(f"{cfg.seed}-{split}", need_compare=True)
-    rng = random.Random(f"{cfg.seed}-{split}-orders")
-    principles = [sampler() for _ in pairs]
-    # orders[i]: the orders asked, each True when response a is shown as (A)
-    orders = [[True, False] if cfg.swap else [rng.random() < 0.5] for _ in pairs]
-    asks = [(i, a_first) for i, o in enumerate(orders) for a_first in o]
-
-    def texts(i, a_first):
-        a, b = _text_of(pairs[i]["a"]), _text_of(pairs[i]["b"])
-        return (a, b) if a_first else (b, a)
-
-    reasoning: dict = {}
-    if cfg.cot:  # the chain of thought first (greedy), then the choice right after it
-        replies = fb.chat([ChatRequest([{"role": "user", "content": comparison_question(pairs[i]["prompt"], *texts(i, af), principles[i], cot=True)}],
-                                       cfg.cot_max_new_tokens, 0.0, 1.0, 0) for i, af in asks], desc=f"cai label {split}: reasoning")
-        reasoning = {ask: r for ask, r in zip(asks, replies)}
-    requests = []
-    for i, af in asks:
-        q = comparison_question(pairs[i]["prompt"], *texts(i, af), principles[i], cot=cfg.cot)
-        prefix = (reasoning[(i, af)].text + "\n" if cfg.cot else "") + cfg.answer_prefix
-        msgs = [{"role": "user", "content": q}] + ([{"role": "assistant", "content": prefix}] if prefix.strip() else [])
-        requests.append(ChoiceRequest(msgs, ("A", "B")))
-    replies = dict(zip(asks, fb.choose(requests, desc=f"cai label {split}: choices")))
-
-    rows, kinds, failed, p_first = [], Counter(), 0, []
-    for i, pair in enumerate(pairs):
-        got = [(af, replies[(i, af)]) for af in orders[i]]
-        if any(r.error for _, r in got) or (cfg.cot and any(reasoning[(i, af)].error for af, _ in got)):
-            failed += 1
-            continue
-        p_a_shown = [float(option_probability(torch.tensor(r.logprobs["A"]), torch.tensor(r.logprobs["B"])))
-                     if r.kind == "soft" else float(r.answer == "A") for _, r in got]
-        p_first += p_a_shown
-        # the probability that response a is better, from each order
-        p_a = [p if af else 1 - p for (af, _), p in zip(got, p_a_shown)]
-        p = float(swap_average(torch.tensor(p_a_shown[0]), torch.tensor(p_a_shown[1]))) if cfg.swap else p_a[0]
-        kind = "hard" if any(r.kind == "hard" for _, r in got) else "cot" if cfg.cot else "soft"
-        if cfg.cot:
-            p = float(clamp_cot_probability(torch.tensor(p), cfg.cot_low, cfg.cot_high))
-        kinds[kind] += 1
-        a_wins = p > 0.5 or (p == 0.5 and random.Random(f"{cfg.seed}-{split}-tie-{i}").random() < 0.5)
-        chosen, rejected = (pair["a"], pair["b"]) if a_wins else (pair["b"], pair["a"])
-        meta = pair["meta"]
-        row = {"prompt": pair["prompt"], "chosen": _text_of(chosen), "rejected": _text_of(rejected),
-               "p_chosen": p if a_wins else 1 - p, "principle": principles[i].name, "label_kind": kind,
-               "p_orders": p_a, "input_order_kept": a_wins}
-        if "chosen_gold" in meta and "rejected_gold" in meta:  # gold of the input's a (chosen) and b (rejected)
-            ga, gb = meta["chosen_gold"], meta["rejected_gold"]
-            row["chosen_gold"], row["rejected_gold"] = (ga, gb) if a_wins else (gb, ga)
-        for k in ("prompt_id",):
-            if k in meta:
-                row[k] = meta[k]
-        rows.append(row)
-    stats = {"pairs": len(pairs), "labelled": len(rows), "failed": failed, "label_kinds": dict(kinds),
-             "p_first_shown": sum(p_first) / len(p_first) if p_first else float("nan"),
-             "mean_confidence": sum(max(r["p_chosen"], 1 - r["p_chosen"]) for r in rows) / len(rows) if rows else float("nan"),
-             "agrees_with_input": sum(r["input_order_kept"] for r in rows) / len(rows) if rows else float("nan")}
-    differ = [r for r in rows if "chosen_gold" in r and r["chosen_gold"] != r["rejected_gold"]]
-    if differ:
-        acc = sum(r["chosen_gold"] > r["rejected_gold"] for r in differ) / len(differ)
-        stats["gold_agreement"] = {"accuracy": acc, "se": math.sqrt(acc * (1 - acc) / len(differ)), "pairs": len(differ)}
-    return rows, stats
-
-
 def format_label_report(s: dict) -> str:
     lines = [f"cai label: constitution {s['constitution']}, swap {s['swap']}, cot {s['cot']}; feedback failures {s['feedback_failures']}"]
-    for split in ("train", "eval"):
-        if split in s:
-            x = s[split]
-            gold = (f"  agrees with gold {x['gold_agreement']['accuracy']:.1%} +- {x['gold_agreement']['se']:.1%} on "
-                    f"{x['gold_agreement']['pairs']} gold-differing pairs" if "gold_agreement" in x else "")
-            lines.append(f"  {split:<5} {x['labelled']}/{x['pairs']} pairs labelled ({x['failed']} failed)  kinds {x['label_kinds']}  "
-                         f"p(A shown first) {x['p_first_shown']:.3f}{gold}  -> {x['path']}")
+    lines += [format_stats(split, s[split]) for split in ("train", "eval") if split in s]
     return "\n".join(lines)
