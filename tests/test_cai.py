@@ -177,6 +177,13 @@ def test_revise_chains_have_r_rounds_or_a_reason(tmp_path, monkeypatch):
     from tether.data import normalise_preferences, normalise_sft, read_rows
 
     assert len(normalise_sft(read_rows(str(tmp_path / "rev" / "sft.jsonl")))) == 4
+    # helpful data mixed in: the revisions first, then every row of the SFT source
+    mixed = cai.revise(load_config(CAIReviseConfig, None, {"data.path": str(prompts), "out": str(tmp_path / "mix"), "rounds": 3,
+                                                             "helpful_data": "builtin:demos"}))
+    rows = normalise_sft(read_rows(str(tmp_path / "mix" / "sft.jsonl")))
+    demos = normalise_sft(read_rows("builtin:demos"))
+    assert mixed["sft"] == {"path": str(tmp_path / "mix" / "sft.jsonl"), "rows": 4 + len(demos), "revisions": 4, "helpful_rows": len(demos)}
+    assert rows[4:] == demos and rows[:4] == normalise_sft(read_rows(str(tmp_path / "rev" / "sft.jsonl")))
     assert len(normalise_preferences(read_rows(str(tmp_path / "rev" / "pairs.jsonl")))) == 4
     # a rerun (same folder, same config) sends only what failed: every other answer comes from the cache
     sent = fb.sent

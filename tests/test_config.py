@@ -83,3 +83,12 @@ def test_parse_override():
     assert parse_override("a.b=none") == ("a.b", None)
     with pytest.raises(TetherError, match="key=value"):
         parse_override("nonsense")
+
+
+def test_set_none_selects_the_choice_named_none():
+    """`--set train.report_to=none` (YAML reads a bare none as null) selects the choice "none"; a str key without
+    such a choice still refuses null."""
+    assert load_config(SFTConfig, None, {}, ["train.report_to=none"]).train.report_to == "none"
+    assert load_config(SFTConfig, None, {}, ["train.report_to=None"]).train.report_to == "none"
+    with pytest.raises(TetherError, match="config key 'model.name' expects str"):
+        load_config(SFTConfig, None, {}, ["model.name=none"])

@@ -368,6 +368,9 @@ class CAIReviseConfig:
     data: PromptDataConfig = field(default_factory=PromptDataConfig)  # data.path: your own prompts (prompt-only rows)
     rounds: int = 2  # critique-revision rounds per prompt
     few_shot: bool = True  # show the constitution's examples before each critique and revision
+    # SFT data written into OUT/sft.jsonl beside the revisions (e.g. builtin:demos): SL-CAI fine-tunes on revisions AND on
+    # helpful answers, or the model learns only refusals (Bai et al. 2022 mix in the helpful model's answers); "" = revisions only
+    helpful_data: str = ""
     sample: CAIGenConfig = field(default_factory=CAIGenConfig)
     out: str = "runs/cai-revise"  # the output folder
     overwrite: bool = False  # replace a finished run in `out`; else an unfinished one continues (its answers are cached)
@@ -433,6 +436,8 @@ def _coerce(value: Any, tp: Any, key: str, choices: tuple = ()) -> Any:
         if value is None and type(None) in args:
             return None
         tp = next(a for a in args if a is not type(None))
+    if value is None and tp is str and "none" in choices:
+        value = "none"  # `--set train.report_to=none`: YAML reads a bare none as null, the choice is named "none"
     if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 (PyYAML) reads 1e-4 and 3e-5, with no dot, as strings
     if typing.get_origin(tp) is dict:

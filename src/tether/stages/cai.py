@@ -9,7 +9,8 @@ the answer instead of answering): `check_revision`.
 
   OUT/chains.jsonl   every chain: prompt, original, rounds [{principle, critique, revision, accepted, reason}],
                      final, stop_reason (null when all rounds ran), gold scores when the task has them
-  OUT/sft.jsonl      SFT data: messages = prompt + final revision (chains with an accepted revision)
+  OUT/sft.jsonl      SFT data: messages = prompt + final revision (chains with an accepted revision), then the
+                     rows of `helpful_data` if set (helpful answers, so the model does not learn only to refuse)
   OUT/pairs.jsonl    preference data: chosen = final revision, rejected = original
 
 `tether cai label` (RL-CAI): the AI labeller (tether.labeller: the constitution's multiple-choice
@@ -149,8 +150,10 @@ def revise(cfg: CAIReviseConfig) -> dict:
                 c["gold_final"] = task.gold(p, c["final"], c["final_finished"]).score
         revised = [c for c in chains if c["n_accepted"]]
         _jsonl(run.out / "chains.jsonl", chains)
-        _jsonl(run.out / "sft.jsonl", [{"messages": c["messages"] + [{"role": "assistant", "content": c["final"]}],
-                                        "prompt_id": c["prompt_id"]} for c in revised])
+        sft_rows = [{"messages": c["messages"] + [{"role": "assistant", "content": c["final"]}], "prompt_id": c["prompt_id"]}
+                    for c in revised]
+        helpful = _helpful_rows(cfg.helpful_data) if cfg.helpful_data else []
+        _jsonl(run.out / "sft.jsonl", sft_rows + helpful)
         _jsonl(run.out / "pairs.jsonl", [{"prompt": c["messages"], "chosen": c["final"], "rejected": c["original"],
                                           "prompt_id": c["prompt_id"], **_gold_pair(c)} for c in revised])
         rounds = [r for c in chains for r in c["rounds"]]
@@ -163,7 +166,8 @@ def revise(cfg: CAIReviseConfig) -> dict:
             "principles_used": dict(Counter(r["principle"] for r in rounds)),
             "feedback_failures": len(fb.failures), "failure_examples": [f["error"] for f in fb.failures[:5]],
             "cache": {"hits": fb.cache.hits, "misses": fb.cache.misses},
-            "sft": {"path": str(run.out / "sft.jsonl"), "rows": len(revised)},
+            "sft": {"path": str(run.out / "sft.jsonl"), "rows": len(revised) + len(helpful), "revisions": len(revised),
+                    "helpful_rows": len(helpful)},
             "pairs": {"path": str(run.out / "pairs.jsonl"), "rows": len(revised)},
             "chains_path": str(run.out / "chains.jsonl"),
         }
@@ -221,6 +225,16 @@ def _revise_chains(fb, constitution: Constitution, prompts: list[Prompt], cfg: C
                 c["final"], c["final_finished"] = rv.text, rv.finished
                 c["n_accepted"] += 1
     return chains
+
+
+def _helpful_rows(path: str) -> list[dict]:
+    """Every example of an SFT data source, as `messages` rows (a plain-text row has no turns to learn from)."""
+    from tether.data import normalise_sft
+
+    rows = normalise_sft(read_rows(path))
+    if any("messages" not in r for r in rows):
+        raise TetherError(f"helpful_data {path}: needs conversations (messages or prompt/completion rows), not plain text")
+    return [{"messages": r["messages"], "source": path} for r in rows]
 
 
 def _gold_pair(c: dict) -> dict:
