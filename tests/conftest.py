@@ -37,3 +37,32 @@ def tiny_cfg(tmp_path, data, name="run", sets=(), **flags):
     }
     base.update(flags)
     return load_config(SFTConfig, None, base, list(sets))
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def start_uvicorn(app, port: int):
+    """(server, thread): `app` under uvicorn on 127.0.0.1:port in a daemon thread, started."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if server.started:
+            break
+        time.sleep(0.025)
+    assert server.started, "uvicorn did not start"
+    return server, thread

@@ -2,14 +2,12 @@
 replies, a server that dies mid-run, the disk cache, and the API key kept out of the run folder."""
 
 import json
-import socket
-import threading
 import time
 
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import free_port, start_uvicorn, write_jsonl
 from tether.config import CAIReviseConfig, load_config
 from tether.errors import TetherError
 from tether.feedback import Cache, ChatRequest, ChoiceRequest, HTTPFeedback
@@ -19,19 +17,10 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class Server:
     """`tether serve`'s app under uvicorn in a thread, with a fault injector in front of it."""
 
     def __init__(self, model="builtin:tiny", api_key="", port=None, **kw):
-        import uvicorn
         from fastapi.responses import JSONResponse, Response
 
         from tether.serve import build_app
@@ -59,16 +48,9 @@ class Server:
                 return JSONResponse({"error": {"message": "going away"}}, status_code=503)
             return await call_next(request)
 
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(400):
-            if self.server.started:
-                break
-            time.sleep(0.025)
-        assert self.server.started
+        self.server, self.thread = start_uvicorn(self.app, self.port)
 
     def stop(self):
         self.server.should_exit = True
@@ -318,7 +300,7 @@ def test_tether_serve_command_binds_to_loopback_and_answers(tmp_path):
     import sys
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TETHER_TEST_KEY": "sk-cli-secret"}
     proc = subprocess.Popen([sys.executable, "-m", "tether", "serve", "builtin:tiny", "--port", str(port), "--api-key-env",
                              "TETHER_TEST_KEY", "--dtype", "fp32"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

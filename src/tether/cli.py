@@ -149,6 +149,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--max-batch", type=int, default=64, help="sequences per engine call")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the batcher waits for more requests")
+    ann = sub.add_parser("annotate", help="human preferences: a web app for pairwise comparisons, agreement, export")
+    ann_sub = ann.add_subparsers(dest="annotate_command", required=True)
+    q = ann_sub.add_parser("serve", help="the annotation web app")
+    q.add_argument("--db", required=True, help="SQLite file or SQLAlchemy URL (e.g. postgresql://...)")
+    q.add_argument("--pairs", action="append", default=[], help="pairs to label (tether label / cai output, or prompt + response_a/b); repeatable")
+    q.add_argument("--gold", action="append", default=[], help="gold items: chosen/rejected pairs whose chosen is known to be better")
+    q.add_argument("--overlap", type=int, default=2, help="annotators per pair (default 2)")
+    q.add_argument("--gold-rate", type=float, default=0.0, help="share of assignments that are gold items (default 0)")
+    q.add_argument("--reward-model", default="", help="active selection: serve first the pairs this reward model (or ensemble) is least sure of")
+    q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    q.add_argument("--port", type=int, default=8765)
+    q.add_argument("--admin-token-env", default="", metavar="NAME", help="environment variable holding the admin token (/admin)")
+    q.add_argument("--guidelines", default="", help="a text file shown to annotators")
+    q = ann_sub.add_parser("add-annotator", help="create an annotator and print their sign-in link (the token is shown once)")
+    q.add_argument("name")
+    q.add_argument("--db", required=True)
+    q.add_argument("--url", default="http://127.0.0.1:8765", help="the app's address, for the sign-in link")
+    for name, h in (("status", "progress per annotator"), ("agreement", "agreement statistics: kappa, alpha, gold, position bias")):
+        q = ann_sub.add_parser(name, help=h)
+        q.add_argument("--db", required=True)
+    q = ann_sub.add_parser("export", help="preference data for tether rm and the direct methods")
+    q.add_argument("--db", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--keep-ties", action="store_true", help="count a tie vote half to each side; keep 0.5 pairs")
+    q.add_argument("--kto", action="store_true", help="KTO's unpaired format (prompt, completion, label)")
     p = sub.add_parser("run", help="run a pipeline recipe (stages sft, label, rm, ppo, eval, ...); finished stages are skipped")
     p.add_argument("recipe", help="pipeline recipe YAML (see src/tether/recipes/quickstart.yaml)")
     p.add_argument("--out", default=None, help="run folder (default: the recipe's `out`)")
@@ -270,6 +295,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "quickstart":
                 return pipeline.quickstart(fast=args.fast, out=args.out, force=args.force, sets=args.sets)
             return pipeline.run(args.recipe, out=args.out, force=args.force, sets=args.sets, report=not args.no_report)
+        if args.command == "annotate":
+            from tether.annotate import commands as ac
+
+            c = args.annotate_command
+            if c == "serve":
+                ac.serve(args.db, args.pairs, args.gold, args.overlap, args.gold_rate, args.reward_model, args.host, args.port,
+                         args.admin_token_env, args.guidelines)
+            elif c == "add-annotator":
+                print(ac.add_annotator(args.db, args.name, args.url))
+            elif c == "status":
+                print(ac.status(args.db))
+            elif c == "agreement":
+                print(ac.agreement(args.db))
+            else:
+                print(ac.export(args.db, args.out, args.keep_ties, args.kto))
+            return 0
         if args.command == "serve":
             from tether.serve import serve
 

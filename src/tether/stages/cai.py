@@ -29,12 +29,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import re
 from collections import Counter
 
-import torch
 
 from tether.config import CAILabelConfig, CAIReviseConfig
 from tether.constitution import Constitution, Principle, load_constitution

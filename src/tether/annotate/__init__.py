@@ -1,0 +1,1 @@
+"""tether annotate: collecting human preference judgements (issue 16)."""
