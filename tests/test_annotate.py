@@ -1,5 +1,6 @@
 """The annotation store: assignment with overlap, answers and undo, export, agreement statistics (issue 16)."""
 
+import json
 import threading
 
 import pytest
@@ -246,3 +247,30 @@ def test_active_selection_from_a_reward_models_uncertainty(store, tmp_path):
     i = store.annotator_for(store.add_annotator("ann"))["id"]
     first = store.next_assignment(i, overlap=1)["pair"]
     assert first == max(prio, key=prio.get)  # the most uncertain pair is served first
+
+
+def test_pipeline_continues_from_human_data(tmp_path):
+    """A recipe stage `kind: annotate_export` turns the answers so far into ${stage.train} for the reward model."""
+    import yaml
+
+    from tether import pipeline
+
+    db = str(tmp_path / "ann.db")
+    store = Store(db)
+    store.add_pairs(_pairs(4))
+    for name in ("ann", "bob"):
+        _answer_as(store, name, {f"Q{i}?": "a" for i in range(4)})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"out": str(tmp_path / "run"), "stages": {
+        "human": {"kind": "annotate_export", "db": db, "min_pairs": 4},
+        "rm": {"model": {"name": "builtin:tiny", "dtype": "fp32"}, "data": {"path": "${human.train}", "eval_fraction": 0.25},
+               "train": {"max_steps": 1, "batch_size": 2, "report_to": "none", "save_every": 0}}}}))
+    assert pipeline.run(str(recipe), report=False) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "human" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["p_chosen"] == 1.0 for r in rows)
+    assert (tmp_path / "run" / "rm" / "model" / "config.json").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"out": str(tmp_path / "run2"), "stages": {"human": {"kind": "annotate_export", "db": db,
+                                                                                     "min_pairs": 10}}}))
+    with pytest.raises(TetherError, match="4 pairs have a preference, fewer than min_pairs=10"):
+        pipeline.run(str(bad), report=False)

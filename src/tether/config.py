@@ -391,6 +391,16 @@ class CAILabelConfig:
     seed: int = 0  # seeds the principle sampler and the pair order
 
 
+@dataclass
+class AnnotateExportConfig:
+    """`tether annotate export` as a pipeline stage: the people's answers so far, as preference data."""
+    db: str = ""  # the annotation database (a SQLite file or a SQLAlchemy URL)
+    keep_ties: bool = False  # count a tie vote half to each side, and keep pairs at 0.5
+    kto: bool = False  # KTO's unpaired rows (prompt, completion, label) instead of pairs
+    min_pairs: int = 1  # fail when fewer pairs than this have a preference (the people are not done yet)
+    out: str = "runs/annotate-export"  # the output folder: OUT/train.jsonl
+
+
 def config_keys(cls) -> list[str]:
     """All dotted keys of a config class, e.g. ['model.name', 'model.dtype', ...]."""
     keys = []

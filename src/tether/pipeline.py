@@ -45,7 +45,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from tether.config import (CAILabelConfig, CAIReviseConfig, DirectConfig, EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig, _set_dotted,
+from tether.config import (AnnotateExportConfig, CAILabelConfig, CAIReviseConfig, DirectConfig, EvalConfig, EvalRMConfig, LabelConfig, PPOConfig, RMConfig, SFTConfig, _set_dotted,
                            load_config, parse_override, read_yaml)
 from tether.errors import TetherError
 from tether.runloop import _atomic_write_text
@@ -100,6 +100,8 @@ KINDS = {
     "eval": Kind(EvalConfig, _call("evaluate", "evaluate"), "out", False),
     "cai_revise": Kind(CAIReviseConfig, _call("cai", "revise", "format_revise_report"), "out", False, continues=True),
     "cai_label": Kind(CAILabelConfig, _call("cai", "label", "format_label_report"), "out", False, continues=True),
+    "annotate_export": Kind(AnnotateExportConfig, lambda cfg: importlib.import_module("tether.annotate.commands").export_stage(cfg),
+                            "out", False),  # the people's answers so far -> preference data
 }
 
 

@@ -110,3 +110,24 @@ def export(db: str, out: str, keep_ties: bool, kto: bool) -> str:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return f"wrote {len(rows)} {'unpaired examples' if kto else 'preference pairs'} to {p}"
+
+
+def export_stage(cfg) -> dict:
+    """The pipeline stage (kind annotate_export): OUT/train.jsonl from the database, a summary for ${stage.train}."""
+    from tether.runloop import Run
+
+    if not cfg.db:
+        raise TetherError("annotate_export needs db: the annotation database")
+    if "://" not in cfg.db and not Path(cfg.db).expanduser().is_file():
+        raise TetherError(f"annotation database not found: {cfg.db}")
+    store = Store(cfg.db)
+    pref = preference_rows(store, keep_ties=cfg.keep_ties)
+    if len(pref) < cfg.min_pairs:
+        raise TetherError(f"{cfg.db}: {len(pref)} pairs have a preference, fewer than min_pairs={cfg.min_pairs}")
+    rows = unpaired_rows(pref) if cfg.kto else pref
+    with Run(cfg.out, cfg, report_to="none") as run:
+        path = run.out / "train.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        prog = store.progress()
+        return run.finish({"stage": "annotate_export", "status": "done", "answers": prog["answers"],
+                           "annotators": len(prog["annotators"]), "train": {"path": str(path), "rows": len(rows), "pairs": len(pref)}})
