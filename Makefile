@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tether-installed
 
-.PHONY: install browser quickstart quickstart-fast test test-fast bench clean
+.PHONY: install browser postgres quickstart quickstart-fast test test-fast bench clean
 
 install: $(STAMP)
 
@@ -29,13 +29,23 @@ browser:
 	    echo "  sudo apt-get install -y chromium   (Debian/Ubuntu) puts it at /usr/bin/chromium"; \
 	  fi; }
 
+# PostgreSQL (Debian's package): tests/test_annotate*.py run the annotation store on a throwaway cluster too
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	  else \
+	    echo "make postgres: PostgreSQL is missing and this is not root, skipping; the PostgreSQL store tests will fail until"; \
+	    echo "  sudo apt-get install -y postgresql   (Debian/Ubuntu)"; \
+	  fi; }
+
 quickstart: install
 	$(VENV)/bin/tether quickstart
 
 quickstart-fast: install
 	$(VENV)/bin/tether quickstart --fast
 
-test: install browser
+test: install browser postgres
 	$(PY) -m pytest -q
 
 test-fast: install browser

@@ -66,3 +66,59 @@ def start_uvicorn(app, port: int):
         time.sleep(0.025)
     assert server.started, "uvicorn did not start"
     return server, thread
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL cluster on a free loopback port (Debian's `postgresql` package, as .ci/run installs it),
+    run as the `postgres` user when the tests run as root; its SQLAlchemy URL. Stopped and deleted at the end."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    pytest.importorskip("psycopg")
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = bins[-1] if bins else shutil.which("initdb")
+    if not initdb:
+        pytest.fail("PostgreSQL is needed for the annotation store's PostgreSQL tests: `apt-get install -y postgresql` as root")
+    bindir = os.path.dirname(initdb)
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="tether-pg-"))  # not under pytest's tmp: that is root's alone (0700)
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    as_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    run = lambda *cmd: subprocess.run(as_user + list(cmd), check=True, capture_output=True, text=True)  # noqa: E731
+    run(f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
+    run(f"{bindir}/pg_ctl", "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def new_store(request, tmp_path):
+    """An empty annotation store on request.param: 'sqlite' (a file in tmp_path) or 'postgresql' (a new database in
+    the session's throwaway cluster)."""
+    from tether.annotate.store import Store
+
+    if request.param == "sqlite":
+        return Store(str(tmp_path / "ann.db"))
+    import sqlalchemy as sa
+
+    base = request.getfixturevalue("postgres_url")
+    name = f"t{abs(hash(str(tmp_path))) % 10**9}"
+    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.exec_driver_sql(f"CREATE DATABASE {name}")
+    engine.dispose()
+    return Store(base.rsplit("/", 1)[0] + "/" + name)

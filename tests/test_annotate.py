@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import new_store, write_jsonl
 from tether.errors import TetherError
 
 pytest.importorskip("sqlalchemy")
@@ -18,9 +18,12 @@ def _pairs(n, gold=None):
              "meta": {"chosen_gold": 1.0, "rejected_gold": 0.0}} for i in range(n)]
 
 
-@pytest.fixture
-def store(tmp_path):
-    return Store(str(tmp_path / "ann.db"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """Every store test on SQLite and on PostgreSQL (a fresh database each)."""
+    s = new_store(request, tmp_path)
+    yield s
+    s.engine.dispose()
 
 
 def test_tokens_are_stored_hashed_and_identify_their_annotator(store, tmp_path):
@@ -29,10 +32,14 @@ def test_tokens_are_stored_hashed_and_identify_their_annotator(store, tmp_path):
     assert store.annotator_for("") is None
     with pytest.raises(TetherError, match="exists already"):
         store.add_annotator("ann")
-    raw = b"".join(f.read_bytes() for f in tmp_path.glob("ann.db*"))
-    assert t1.encode() not in raw and t2.encode() not in raw
     with store.engine.connect() as c:
-        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        stored = [r[0] for r in c.exec_driver_sql("SELECT token_hash FROM annotators")]
+    assert t1 not in stored and t2 not in stored and len(stored[0]) == 64
+    if store.engine.dialect.name == "sqlite":
+        raw = b"".join(f.read_bytes() for f in tmp_path.glob("ann.db*"))
+        assert t1.encode() not in raw and t2.encode() not in raw
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
 def test_overlap_is_finished_before_new_pairs_and_never_twice_to_one_person(store):

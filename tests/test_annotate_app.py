@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("uvicorn")
-from conftest import free_port, start_uvicorn  # noqa: E402
+from conftest import free_port, new_store, start_uvicorn  # noqa: E402
 from tether.annotate.app import build_app  # noqa: E402
 from tether.annotate.export import preference_rows  # noqa: E402
 from tether.annotate.store import Store  # noqa: E402
@@ -46,9 +46,10 @@ class App:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture
-def setup(tmp_path):
-    store = Store(str(tmp_path / "ann.db"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def setup(request, tmp_path):
+    """The API tests on SQLite and on PostgreSQL."""
+    store = new_store(request, tmp_path)
     items = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "a": f"answer a{i}", "b": f"answer b{i}"} for i in range(3)]
     items.append({"prompt": [{"role": "user", "content": "Q3?"}], "a": XSS, "b": "plain"})
     store.add_pairs(items)

@@ -1,7 +1,7 @@
 """The annotation database (issue 16's first layer): annotators, pairs, assignments and answers.
 
 SQLAlchemy Core on SQLite by default (WAL mode and a busy timeout, so many annotators write at once) or any
-SQLAlchemy URL (PostgreSQL). Every write is one transaction: a crash loses at most the answer being
+SQLAlchemy URL (PostgreSQL, tested: postgresql+psycopg://...). Every write is one transaction: a crash loses at most the answer being
 written. Annotator tokens are random (`secrets`), shown once, and stored only as SHA-256 hashes.
 
 Tables
@@ -168,6 +168,7 @@ class Store:
         do not count towards a pair's overlap. Left/right order is random per assignment and recorded."""
         sa, P, A = self.sa, self.pairs, self.assignments
         with self.engine.begin() as c:
+            self._serialise(c)
             open_ = c.execute(sa.select(A).where(A.c.annotator_id == annotator_id, A.c.answered.is_(False))).first()
             if open_ is not None:
                 return self._view(c, open_)
@@ -192,6 +193,13 @@ class Store:
             view = self._view(c, row)
             view["progress"] = n_done  # assignments this annotator had before this one
             return view
+
+    def _serialise(self, c) -> None:
+        """Choosing a pair and assigning it must not interleave between annotators (two could take the last slot of
+        a pair's overlap): SQLite's BEGIN IMMEDIATE already holds the write lock; PostgreSQL takes a transaction-level
+        advisory lock; other databases get SERIALIZABLE-like safety only from the unique constraint."""
+        if self.engine.dialect.name == "postgresql":
+            c.exec_driver_sql("SELECT pg_advisory_xact_lock(7262)")
 
     def _view(self, c, assignment) -> dict:
         """What the annotator sees: the prompt, the left and right responses, the assignment id."""
