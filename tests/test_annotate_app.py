@@ -250,3 +250,54 @@ def test_load_20_annotators_and_sigkill_loses_no_committed_answer(tmp_path):
     with after.engine.connect() as c:
         answered = {r[0] for r in c.exec_driver_sql("SELECT assignment_id FROM answers")}
     assert acked and set(acked) <= answered  # every acknowledged answer survived the kill
+
+
+def test_browser_signs_in_labels_three_pairs_with_the_keyboard_and_undoes_one(tmp_path):
+    """Headless Chromium driven by Selenium (Debian's chromium-driver): the sign-in link, keys 1, 2, 3, then u; the
+    database holds the first two answers, as the keys meant them on the sides shown."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver_path = shutil.which("chromedriver")
+    if not driver_path:
+        pytest.fail("chromedriver is needed: `apt-get install -y chromium-driver` as root (or `make browser`)")
+    store = Store(str(tmp_path / "ann.db"))
+    store.add_pairs([{"prompt": [{"role": "user", "content": f"Q{i}?"}], "a": f"answer a{i}", "b": f"answer b{i}"} for i in range(4)])
+    token = store.add_annotator("kim")
+    app = App(store, overlap=1)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else shutil.which("chromium")
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'prof'}"):
+        opts.add_argument(a)
+    from selenium.webdriver.chrome.service import Service
+
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(f"{app.base}/?token={token}")
+        wait = WebDriverWait(driver, 20)
+        shown = []
+
+        def current():
+            return driver.find_element(By.ID, "left").text, driver.find_element(By.ID, "right").text
+
+        for key in ("1", "2", "3"):
+            wait.until(lambda d: current()[0] and current() not in shown)
+            shown.append(current())
+            driver.find_element(By.TAG_NAME, "body").send_keys(key)
+        wait.until(lambda d: current() not in shown)
+        driver.find_element(By.TAG_NAME, "body").send_keys("u")
+        wait.until(lambda d: current() == shown[2])  # the undone pair is served again
+    finally:
+        driver.quit()
+        app.stop()
+    votes = store.votes()
+    assert len(votes) == 2 and all(set(v) == {"kim"} for v in votes.values())
+    by_prompt = {p["id"]: p for p in store.all_pairs()}
+    got = sorted((by_prompt[pid]["prompt"][0]["content"], v["kim"]) for pid, v in votes.items())
+    want = []
+    for (left, _right), key in zip(shown[:2], ("1", "2")):
+        i = left[-1]
+        left_is_a = left.startswith("answer a")
+        want.append((f"Q{i}?", ("a" if left_is_a else "b") if key == "1" else ("b" if left_is_a else "a")))
+    assert got == sorted(want)
