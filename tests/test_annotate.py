@@ -167,6 +167,12 @@ def test_agreement_statistics_by_hand(store):
     assert rep["raw_agreement"] == pytest.approx(agreement.raw_agreement(table))
     assert rep["krippendorff_alpha"] == pytest.approx(agreement.krippendorff_alpha_nominal(table))
     assert rep["cohen_kappa_pairwise"] == pytest.approx(agreement.pairwise_kappa(table))
+    # by hand: 5 of the 9 annotator pairs agree; alpha = 1 - (n - 1) * D / E = 1 - 8 * 4 / 40; kappas 0.4, -0.5, 0.4
+    assert rep["raw_agreement"] == pytest.approx(5 / 9)
+    assert rep["krippendorff_alpha"] == pytest.approx(0.2)
+    assert {tuple(k["annotators"]): round(k["kappa"], 6) for k in rep["kappa_by_pair"]} == \
+        {("ann", "bob"): 0.4, ("ann", "cy"): -0.5, ("bob", "cy"): 0.4}
+    assert rep["cohen_kappa_pairwise"] == pytest.approx(0.1)
     a = rep["annotators"]
     # ann: Q0 with the others (a, a), Q1 against (b, b), Q2: others split -> not counted: 1/2
     assert a["ann"]["agreement_with_majority"] == pytest.approx(0.5)

@@ -146,32 +146,34 @@ def test_a_script_in_a_response_is_shown_as_text_in_chromium(setup, tmp_path):
 
 
 def test_end_to_end_label_pairs_to_annotate_to_export_to_rm(tmp_path):
-    """Pairs as `tether label` writes them -> the app (answers posted over HTTP) -> `tether annotate export` -> `tether rm`."""
-    from conftest import write_jsonl
+    """`tether label` -> the app (answers posted over HTTP) -> `tether annotate export` -> `tether rm`."""
     from tether.annotate.store import pairs_from_file
     from tether.cli import main
+    from tether.data import read_rows
 
-    rows = [{"prompt": f"Say something about {w}.", "chosen": f"{w} is nice.", "rejected": f"{w}!!", "chosen_gold": 1.0,
-             "rejected_gold": 0.5, "p_chosen": 0.6, "votes": {"sim-0": 1}} for w in ("cats", "dogs", "rain", "tea", "maps", "jazz")]
-    src = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert main(["label", "--model", "builtin:tiny", "--task", "test_tasks:EchoTask", "--out", str(tmp_path / "label"),
+                 "--set", "sample.k=3", "--set", "sample.max_new_tokens=6", "--set", "sample.temperature=1.0",
+                 "--set", "sample.top_p=1.0", "--set", "task.num_prompts=6", "--set", "task.num_eval_prompts=1"]) == 0
     db = str(tmp_path / "ann.db")
     store = Store(db)
-    store.add_pairs(pairs_from_file(str(src)))
+    assert store.add_pairs(pairs_from_file(str(tmp_path / "label" / "train.jsonl"))) >= 6
     tokens = [store.add_annotator(n) for n in ("ann", "bob")]
     app = App(store, overlap=2)
     try:
         for t in tokens:
             while not (x := app.call("/api/next", token=t)[1])["done"]:
-                longer_left = len(x["left"]) > len(x["right"])  # both prefer the full sentence
+                longer_left = len(x["left"]) >= len(x["right"])  # both prefer the longer response
                 assert app.call("/api/answer", {"assignment": x["assignment"], "choice": "left" if longer_left else "right"},
                                 token=t)[0] == 200
     finally:
         app.stop()
-    out = tmp_path / "prefs.jsonl"
-    assert main(["annotate", "export", "--db", db, "--out", str(out)]) == 0
+    out, folder = tmp_path / "prefs.jsonl", tmp_path / "prefs-ds"
+    assert main(["annotate", "export", "--db", db, "--out", str(out), "--datasets-folder", str(folder)]) == 0
     exported = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(exported) == 6 and all(r["p_chosen"] == 1.0 and r["chosen"].endswith("is nice.") for r in exported)
+    assert exported and all(r["p_chosen"] == 1.0 and len(r["chosen"]) >= len(r["rejected"]) for r in exported)
+    assert len(read_rows(str(folder)).rows) == len(exported)  # the datasets folder holds the same rows
     assert main(["annotate", "export", "--db", db, "--out", str(tmp_path / "kto.jsonl"), "--kto"]) == 0
+    assert main(["annotate", "agreement", "--db", db]) == 0 and main(["annotate", "status", "--db", db]) == 0
     assert main(["rm", "--model", "builtin:tiny", "--data", str(out), "--out", str(tmp_path / "rm"), "--max-steps", "2",
                  "--batch-size", "2", "--dtype", "fp32", "--report-to", "none", "--set", "data.eval_fraction=0.34"]) == 0
     assert (tmp_path / "rm" / "model" / "config.json").is_file()

@@ -34,16 +34,20 @@ def cohen_kappa(a: list[int], b: list[int]) -> float:
     return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
 
 
-def pairwise_kappa(votes: list[dict]) -> float:
-    """Mean Cohen's kappa over all annotator pairs, each on the items both of them labelled."""
+def kappa_by_pair(votes: list[dict]) -> dict[tuple[str, str], tuple[float, int]]:
+    """Cohen's kappa of every annotator pair on the items both labelled (at least two): {(x, y): (kappa, items)}."""
     annotators = sorted({k for item in votes for k in item})
-    kappas = []
+    out = {}
     for x, y in itertools.combinations(annotators, 2):
         shared = [item for item in votes if x in item and y in item]
         if len(shared) >= 2:
-            k = cohen_kappa([i[x] for i in shared], [i[y] for i in shared])
-            if not math.isnan(k):
-                kappas.append(k)
+            out[(x, y)] = (cohen_kappa([i[x] for i in shared], [i[y] for i in shared]), len(shared))
+    return out
+
+
+def pairwise_kappa(votes: list[dict]) -> float:
+    """Mean Cohen's kappa over all annotator pairs, each on the items both of them labelled."""
+    kappas = [k for k, _ in kappa_by_pair(votes).values() if not math.isnan(k)]
     return sum(kappas) / len(kappas) if kappas else float("nan")
 
 

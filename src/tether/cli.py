@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--keep-ties", action="store_true", help="count a tie vote half to each side; keep 0.5 pairs")
     q.add_argument("--kto", action="store_true", help="KTO's unpaired format (prompt, completion, label)")
+    q.add_argument("--datasets-folder", default="", metavar="DIR", help="also save the rows as a `datasets` folder (save_to_disk)")
     p = sub.add_parser("run", help="run a pipeline recipe (stages sft, label, rm, ppo, eval, ...); finished stages are skipped")
     p.add_argument("recipe", help="pipeline recipe YAML (see src/tether/recipes/quickstart.yaml)")
     p.add_argument("--out", default=None, help="run folder (default: the recipe's `out`)")
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             elif c == "agreement":
                 print(ac.agreement(args.db))
             else:
-                print(ac.export(args.db, args.out, args.keep_ties, args.kto))
+                print(ac.export(args.db, args.out, args.keep_ties, args.kto, args.datasets_folder))
             return 0
         if args.command == "serve":
             from tether.serve import serve

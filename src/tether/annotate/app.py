@@ -175,7 +175,9 @@ def build_app(store: Store, *, overlap: int = 2, gold_rate: float = 0.0, admin_t
                        f"<td>{_fmt(ag['annotators'].get(n, {}).get('gold_accuracy'))}</td>"
                        f"<td>{_fmt(ag['annotators'].get(n, {}).get('picked_left'))}</td></tr>" for n, s in p["annotators"].items())
         head = (f"<p>{p['answers']} answers on {p['pairs']} pairs. Raw agreement {_fmt(ag.get('raw_agreement'))}, "
-                f"Cohen's kappa {_fmt(ag.get('cohen_kappa_pairwise'))}, Krippendorff's alpha {_fmt(ag.get('krippendorff_alpha'))}</p>")
+                f"Cohen's kappa {_fmt(ag.get('cohen_kappa_pairwise'))}, Krippendorff's alpha {_fmt(ag.get('krippendorff_alpha'))}</p>"
+                + "".join(f"<p>kappa {html.escape(k['annotators'][0])} / {html.escape(k['annotators'][1])}: {_fmt(k['kappa'])} "
+                          f"on {k['items']} pairs</p>" for k in ag.get("kappa_by_pair", [])))
         return HTMLResponse(f"<!doctype html><meta charset=utf-8><title>tether annotate: admin</title><h1>Progress</h1>{head}"
                             "<table border=1 cellpadding=4><tr><th>annotator</th><th>answers</th><th>skipped</th>"
                             f"<th>with majority</th><th>gold accuracy</th><th>picked left</th></tr>{rows}</table>")

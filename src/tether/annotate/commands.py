@@ -95,17 +95,23 @@ def agreement(db: str) -> str:
 
     lines = [f"{a.get('items', 0)} pairs with votes: raw agreement {f(a.get('raw_agreement'))}, Cohen's kappa (pairwise mean) "
              f"{f(a.get('cohen_kappa_pairwise'))}, Krippendorff's alpha {f(a.get('krippendorff_alpha'))}"]
+    for pk in a.get("kappa_by_pair", []):
+        lines.append(f"  kappa {pk['annotators'][0]} / {pk['annotators'][1]}: {f(pk['kappa'])} on {pk['items']} pairs")
     for name, s in a["annotators"].items():
         lines.append(f"  {name:<20} {s['answers']:>5} answers  with majority {f(s['agreement_with_majority'])}  gold "
                      f"{f(s['gold_accuracy'])} ({s['gold_items']} items)  picked left {f(s['picked_left'])}")
     return "\n".join(lines)
 
 
-def export(db: str, out: str, keep_ties: bool, kto: bool) -> str:
+def export(db: str, out: str, keep_ties: bool, kto: bool, datasets_folder: str = "") -> str:
     rows = preference_rows(Store(db), keep_ties=keep_ties)
     if not rows:
         raise TetherError(f"{db}: no pair has a preference yet (votes a or b{', or ties' if keep_ties else ''})")
     rows = unpaired_rows(rows) if kto else rows
+    if datasets_folder:
+        from tether.annotate.export import save_datasets_folder
+
+        save_datasets_folder(rows, datasets_folder)
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

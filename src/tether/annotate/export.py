@@ -9,6 +9,8 @@ without. The majority side is `chosen` with p_chosen = max(p, 1 - p); a pair at 
 
 from __future__ import annotations
 
+import json
+
 from tether import agreement
 
 
@@ -65,6 +67,7 @@ def agreement_report(store) -> dict:
               if pairs[pid]["gold"] is None]
     binary = [v for v in binary if v]
     out = agreement.report(binary) if binary else {"items": 0, "votes": 0}
+    out["kappa_by_pair"] = [{"annotators": [x, y], "kappa": k, "items": n} for (x, y), (k, n) in agreement.kappa_by_pair(binary).items()]
     per: dict[str, dict] = {}
     for pid, v in votes.items():
         gold = pairs[pid]["gold"]
@@ -93,3 +96,14 @@ def agreement_report(store) -> dict:
                                 "picked_left": s["left"][0] / s["left"][1] if s["left"][1] else None}
                          for name, s in sorted(per.items())}
     return out
+
+
+def save_datasets_folder(rows: list[dict], folder: str) -> str:
+    """The rows as a Hugging Face `datasets` folder (`datasets.Dataset.save_to_disk`), which tether's readers and
+    `datasets.load_from_disk` both open. Nested columns (prompt messages, votes) are stored as JSON-compatible
+    structures; votes become a JSON string, since annotator names differ from row to row."""
+    import datasets
+
+    flat = [{**r, "votes": json.dumps(r["votes"])} if "votes" in r else r for r in rows]
+    datasets.Dataset.from_list(flat).save_to_disk(folder)
+    return folder
