@@ -49,6 +49,11 @@ class Rows:
         return f"{self.source}, row {self.numbers[i]}" + (f", field '{field}'" if field else "")
 
 
+def write_jsonl(path, rows) -> None:
+    """Rows as JSON Lines (UTF-8, one object per line), the file replaced in one write."""
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
 def read_rows(path: str) -> Rows:
     """Read JSONL, JSON (a list of objects), Parquet, CSV, a `datasets` folder, or a builtin data set.
 

@@ -218,9 +218,7 @@ def load_reward_model(name: str, trust_remote_code: bool = False):
         from transformers.utils import logging as hf_logging
 
         folder = smollm2_folder() if name == SMOLLM2 else _resolve(name)
-        config = Path(folder, "config.json")
-        archs = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
-        has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+        has_head = is_sequence_classifier(folder)
         level = hf_logging.get_verbosity()
         if not has_head:  # a causal LM: the new scalar head is expected, not worth transformers' load report
             hf_logging.set_verbosity_error()
@@ -238,6 +236,16 @@ def load_reward_model(name: str, trust_remote_code: bool = False):
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def is_sequence_classifier(folder: str | Path) -> bool:
+    """Whether a model folder's config.json names a *ForSequenceClassification architecture (a reward model)."""
+    config = Path(folder).expanduser() / "config.json"
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
 # Reward-model ensembles (Coste et al. 2023): a folder with ensemble.json and one reward-model folder per member

@@ -30,7 +30,6 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -129,12 +128,12 @@ def build_app(model: str, *, api_key: str = "", dtype: str = "auto", max_batch: 
     """The FastAPI app serving `model` (a causal LM, or a reward model / ensemble folder)."""
     if FastAPI is None:
         raise TetherError("tether serve needs fastapi and uvicorn: pip install fastapi uvicorn")
-    from tether.models import default_device, is_reward_ensemble, resolve_dtype
+    from tether.models import default_device, is_reward_ensemble, is_sequence_classifier, resolve_dtype
 
     device = default_device()
     dt = resolve_dtype(dtype, device)
     served = name or model
-    is_rm = is_reward_ensemble(model) or _is_sequence_classifier(model)
+    is_rm = is_reward_ensemble(model) or is_sequence_classifier(model)
     app = FastAPI(title="tether serve", docs_url=None, redoc_url=None, openapi_url=None)
 
     if is_rm:
@@ -264,17 +263,6 @@ def build_app(model: str, *, api_key: str = "", dtype: str = "auto", max_batch: 
                 "normalizer": [{"mean": m, "std": s} for m, s in stats]}
 
     return app
-
-
-def _is_sequence_classifier(model: str) -> bool:
-    cfg = Path(model).expanduser() / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        archs = json.loads(cfg.read_text()).get("architectures") or []
-    except (OSError, json.JSONDecodeError):
-        return False
-    return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
 @torch.no_grad()

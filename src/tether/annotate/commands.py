@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from tether.annotate.export import agreement_report, preference_rows, unpaired_rows
 from tether.annotate.store import Store, pairs_from_file
+from tether.data import write_jsonl
 from tether.errors import TetherError
 
 log = logging.getLogger("tether")
@@ -114,7 +114,7 @@ def export(db: str, out: str, keep_ties: bool, kto: bool, datasets_folder: str =
         save_datasets_folder(rows, datasets_folder)
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(p, rows)
     return f"wrote {len(rows)} {'unpaired examples' if kto else 'preference pairs'} to {p}"
 
 
@@ -133,7 +133,7 @@ def export_stage(cfg) -> dict:
     rows = unpaired_rows(pref) if cfg.kto else pref
     with Run(cfg.out, cfg, report_to="none") as run:
         path = run.out / "train.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        write_jsonl(path, rows)
         prog = store.progress()
         return run.finish({"stage": "annotate_export", "status": "done", "answers": prog["answers"],
                            "annotators": len(prog["annotators"]), "train": {"path": str(path), "rows": len(rows), "pairs": len(pref)}})

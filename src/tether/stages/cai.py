@@ -27,7 +27,6 @@ sends only what was not answered.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import re
@@ -36,7 +35,7 @@ from collections import Counter
 
 from tether.config import CAILabelConfig, CAIReviseConfig
 from tether.constitution import Constitution, Principle, load_constitution
-from tether.data import normalise_comparisons, normalise_prompts, read_rows
+from tether.data import normalise_comparisons, normalise_prompts, read_rows, write_jsonl
 from tether.errors import TetherError
 from tether.feedback import ChatRequest, make_feedback
 from tether.labeller import ai_label_pairs, check_ai, format_stats
@@ -53,10 +52,6 @@ def _seed(*parts) -> int:
 
 def _norm(text: str) -> str:
     return " ".join(text.lower().split())
-
-
-def _jsonl(path, rows) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,12 +142,12 @@ def revise(cfg: CAIReviseConfig) -> dict:
                 c["gold_original"] = task.gold(p, c["original"], c["original_finished"]).score
                 c["gold_final"] = task.gold(p, c["final"], c["final_finished"]).score
         revised = [c for c in chains if c["n_accepted"]]
-        _jsonl(run.out / "chains.jsonl", chains)
+        write_jsonl(run.out / "chains.jsonl", chains)
         sft_rows = [{"messages": c["messages"] + [{"role": "assistant", "content": c["final"]}], "prompt_id": c["prompt_id"]}
                     for c in revised]
         helpful = _helpful_rows(cfg.helpful_data) if cfg.helpful_data else []
-        _jsonl(run.out / "sft.jsonl", sft_rows + helpful)
-        _jsonl(run.out / "pairs.jsonl", [{"prompt": c["messages"], "chosen": c["final"], "rejected": c["original"],
+        write_jsonl(run.out / "sft.jsonl", sft_rows + helpful)
+        write_jsonl(run.out / "pairs.jsonl", [{"prompt": c["messages"], "chosen": c["final"], "rejected": c["original"],
                                           "prompt_id": c["prompt_id"], **_gold_pair(c)} for c in revised])
         rounds = [r for c in chains for r in c["rounds"]]
         summary = {
@@ -170,7 +165,7 @@ def revise(cfg: CAIReviseConfig) -> dict:
             "chains_path": str(run.out / "chains.jsonl"),
         }
         if task is not None:
-            summary["gold"] = _gold_summary(chains, prompts)
+            summary["gold"] = _gold_summary(chains)
         if not revised:
             log.warning("cai revise: no chain has an accepted revision (dropped: %s)", summary["dropped"])
         return run.finish(summary)
@@ -239,7 +234,7 @@ def _gold_pair(c: dict) -> dict:
     return {"chosen_gold": c["gold_final"], "rejected_gold": c["gold_original"]} if "gold_final" in c else {}
 
 
-def _gold_summary(chains: list[dict], prompts: list[Prompt]) -> dict:
+def _gold_summary(chains: list[dict]) -> dict:
     """Mean gold and refusal rate of the original and final answers, overall and per category (for the
     built-in task: harmful compliance = 1 - refusal rate on harmful prompts; over-refusal on look-alikes)."""
     from tether.tasks.instruct import is_refusal
@@ -293,7 +288,7 @@ def label(cfg: CAILabelConfig) -> dict:
                 rows, stats = ai_label_pairs(fb, constitution, items, cfg.ai, cfg.seed, split)
                 # with chosen/rejected input (a = the input's chosen): how often the AI keeps the input's label
                 stats["agrees_with_input"] = sum(r["a_chosen"] for r in rows) / len(rows) if rows else float("nan")
-                _jsonl(run.out / f"{split}.jsonl", rows)
+                write_jsonl(run.out / f"{split}.jsonl", rows)
                 summary[split] = {**stats, "path": str(run.out / f"{split}.jsonl")}
         finally:
             fb.close()
