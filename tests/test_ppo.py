@@ -335,7 +335,7 @@ def short_gold(prompt: str, response: str) -> float:
 
 
 def test_monitor_catches_a_hacked_proxy_and_keeps_the_best_policy(tmp_path, word_policy):
-    flags = {"model.name": word_policy, "task.name": "test_ppo:ShortTask", "model.lora_r": 0, "train.max_steps": 14,
+    flags = {"model.name": word_policy, "task.name": "test_ppo:ShortTask", "model.lora_r": 0, "train.max_steps": 20,
              "train.lr": 3e-3, "rollout.prompts_per_step": 3, "rollout.group_size": 4, "rollout.max_new_tokens": 16,
              "ppo.minibatch_size": 6,
              "ppo.kl_coef": 0.001, "ppo.vf_coef": 0.5, "reward.score_truncated": False, "monitor.window": 3,
@@ -348,14 +348,16 @@ def test_monitor_catches_a_hacked_proxy_and_keeps_the_best_policy(tmp_path, word
     assert ms[-1]["response/length_mean"] > ms[0]["response/length_mean"]
     assert ms[-1]["monitor/flag_gold_falls_while_proxy_rises"] == 1.0 and "monitor/sqrt_kl" in ms[-1]
     # stopped at the flag; the best held-out gold so far was kept beside the final policy
-    assert s["monitor"]["stopped_early"] and s["steps"] < 14 and s["steps"] == ms[-1]["step"]
+    assert s["monitor"]["stopped_early"] and s["steps"] < 20 and s["steps"] == ms[-1]["step"]
     evals = {m["step"]: m["eval/gold"] for m in metrics(out) if "eval/gold" in m and m["step"] > 0}
     best = json.loads((out / "best" / "best.json").read_text())
     assert best["value"] == max(evals.values()) and evals[best["step"]] == best["value"]
     assert (out / "best" / "model" / "model.safetensors").exists() and s["best"]["step"] == best["step"]
 
     # the same run with the gold itself as the reward: nothing to hack, no flag
-    flags |= {"monitor.stop_on_flag": False, "monitor.keep_best": "none", "train.max_steps": 8, "train.eval_every": 0}
+    # (truncated responses scored too: with the missing-EOS penalty the proxy would differ from the gold)
+    flags |= {"monitor.stop_on_flag": False, "monitor.keep_best": "none", "train.max_steps": 8, "train.eval_every": 0,
+              "reward.score_truncated": True}
     s = ppo.train(ppo_cfg(tmp_path, "honest", **flags), reward_fn=short_gold)
     assert "gold_falls_while_proxy_rises" not in s["monitor"]["flags"], s["monitor"]
 
@@ -439,10 +441,10 @@ def test_dr_grpo_normaliser_divides_by_the_generation_budget(tmp_path, monkeypat
     """loss_norm=constant: the policy loss is summed over tokens and divided by sequences x max_new_tokens."""
     seen = []
     real = ppo.rl.aggregate
-    monkeypatch.setattr(ppo.rl, "aggregate", lambda x, mask, norm="token", budget=None: seen.append((norm, budget)) or real(x, mask, norm, budget))
+    monkeypatch.setattr(ppo.rl, "aggregate", lambda x, mask, norm="token", budget=None, total=None: seen.append((norm, budget, total)) or real(x, mask, norm, budget, total))
     ppo.train(ppo_cfg(tmp_path, **{"ppo.algo": "grpo", "ppo.grpo_scale_std": False, "ppo.loss_norm": "constant",
                                    "rollout.group_size": 2, "rollout.prompts_per_step": 3}), reward_fn=lowercase_share)
-    assert seen and all(s == ("constant", 12) for s in seen)
+    assert seen and all(s == ("constant", 12, 6) for s in seen)  # 6 sequences in the (only) minibatch
 
 
 def test_critic_starts_from_a_reward_model_with_the_same_vocabulary(tmp_path, tiny_rm):

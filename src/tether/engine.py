@@ -57,6 +57,22 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (Wellons' lowbias32) on int64 tensors holding values in [0, 2^32)."""
+    m = 0xFFFFFFFF
+    x = x & m
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & m  # int64 products wrap; only the low 32 bits are kept
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """Uniforms in [0, 1) (float32, 24 bits: the resolution of an fp32 CDF), one per seed, a pure function
+    of (seed, step): the counter-based stream of seeded sampling (`Engine.generate(seeds=...)`)."""
+    x = _hash32(_hash32(seeds.to(torch.int64)) + step + 1)
+    return (x >> 8).to(torch.float32) / float(1 << 24)
+
+
 def _supports_fast(config) -> bool:
     """The fast decode step implements the plain Llama block (what SmolLM2 is)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -138,46 +154,54 @@ class Engine:
     # ---- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 batch_size: int = 64, min_new_tokens: int = 0, progress=None) -> Rollout:
+                 batch_size: int = 64, min_new_tokens: int = 0, progress=None, seeds: list[int] | None = None) -> Rollout:
         """Sample (temperature > 0) or decode greedily (temperature == 0) a response for each prompt (token
         ids, chat template already applied). Prompts are sorted by length and run in batches of
         `batch_size`; results come back in the prompts' order. `min_new_tokens` suppresses EOS before that
         many tokens (benchmarks use it to make every row do the same work). `progress` (a callable taking
-        the number of finished prompts) is called after each batch."""
+        the number of finished prompts) is called after each batch. `seeds` (one int per prompt): each
+        response's random draws come from its own seed and token position (`counter_uniform`), not from
+        torch's global stream, so a response does not depend on which prompts share its batch or process
+        (data-parallel RL samples the same responses on any number of ranks). The fast path only; the
+        Hugging Face path draws from torch's stream."""
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         ids: list = [None] * len(prompt_ids)
         lps: list = [None] * len(prompt_ids)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            run = self._batch_fast if self.impl == "fast" else self._batch_hf
-            for i, (r, lp) in zip(chunk, zip(*run([prompt_ids[i] for i in chunk], max_new_tokens, temperature, top_p, min_new_tokens))):
+            args = ([prompt_ids[i] for i in chunk], max_new_tokens, temperature, top_p, min_new_tokens)
+            out = (self._batch_fast(*args, seeds=[seeds[i] for i in chunk] if seeds is not None else None)
+                   if self.impl == "fast" else self._batch_hf(*args))
+            for i, (r, lp) in zip(chunk, zip(*out)):
                 ids[i], lps[i] = r, lp
             if progress is not None:
                 progress(len(chunk))
         eos = self.tok.eos_token_id
         return Rollout(ids, lps, [len(r) > 0 and r[-1] == eos for r in ids])
 
-    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(next tokens (B,), their log-probs (B,)) from fp32 logits (B, V). Greedy at T = 0 (log-probs at
-        T = 1); plain categorical sampling at temperature T; nucleus sampling only when top_p < 1."""
+        T = 1); plain categorical sampling at temperature T; nucleus sampling only when top_p < 1. `u` (B, 1):
+        the rows' uniforms in [0, 1) (seeded sampling), else drawn from torch's stream."""
         if temperature <= 0:
             nxt = logits.argmax(-1)
             return nxt, torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0]
         probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, -1)  # one pass over the vocabulary
+        if u is None:
+            u = torch.rand(probs.shape[0], 1, device=probs.device)
         if top_p < 1.0:
-            nxt = self._nucleus(probs, top_p)
+            nxt = self._nucleus(probs, top_p, u)
         else:
             # inverse-CDF sampling: one uniform per row against the cumulative probabilities. (torch.multinomial
             # draws an exponential variate for every vocabulary entry: a third of a decode step on a CPU.)
             cdf = probs.cumsum(-1)
-            u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-            nxt = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[1] - 1)
+            nxt = torch.searchsorted(cdf, u.to(cdf.dtype) * cdf[:, -1:], right=True)[:, 0].clamp(max=probs.shape[1] - 1)
         # the log-prob before any truncation (what the trainer's forward computes); never near fp32's
         # underflow, since the token was sampled
         return nxt, probs.gather(-1, nxt[:, None])[:, 0].log()
 
     @staticmethod
-    def _nucleus(probs: torch.Tensor, top_p: float, k: int = 256) -> torch.Tensor:
+    def _nucleus(probs: torch.Tensor, top_p: float, u: torch.Tensor | None = None, k: int = 256) -> torch.Tensor:
         """Nucleus sampling (Holtzman et al. 2020): a token from the smallest set of most likely tokens whose
         mass reaches top_p, renormalised. The set comes from the k most likely tokens (a top-k is ~20x
         cheaper than sorting a 49k vocabulary, the sort HF's top-p does every step), with k grown 8-fold
@@ -190,8 +214,8 @@ class Engine:
             vals, idx = probs.topk(k, -1)
         kept = vals.masked_fill(vals.cumsum(-1) - vals > top_p, 0.0)  # drop what lies beyond the nucleus
         cdf = kept.cumsum(-1)
-        u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-        j = torch.searchsorted(cdf, u, right=True).clamp(max=k - 1)
+        u = torch.rand(probs.shape[0], 1, device=probs.device) if u is None else u
+        j = torch.searchsorted(cdf, u.to(cdf.dtype) * cdf[:, -1:], right=True).clamp(max=k - 1)
         return idx.gather(-1, j)[:, 0]
 
     def _batch_hf(self, prompts, max_new_tokens, temperature, top_p, min_new_tokens):
@@ -264,8 +288,9 @@ class Engine:
             x = x + self._linear(F.silu(g) * u, wd)
         return self._norm(x, self.norm)
 
-    def _batch_fast(self, prompts, max_new_tokens, temperature, top_p, min_new_tokens):
+    def _batch_fast(self, prompts, max_new_tokens, temperature, top_p, min_new_tokens, seeds=None):
         c, dev = self.config, self.device
+        seeds = torch.tensor(seeds, dtype=torch.int64) if seeds is not None else None
         B, Q = len(prompts), max(len(p) for p in prompts)
         Tmax = Q + max_new_tokens
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -293,7 +318,8 @@ class Engine:
         for t in range(max_new_tokens):
             if t < min_new_tokens:
                 logits[:, eos] = -float("inf")
-            nxt, lp = self._sample(logits, temperature, top_p)
+            u = counter_uniform(seeds[rows.cpu()], t)[:, None].to(dev) if seeds is not None and temperature > 0 else None
+            nxt, lp = self._sample(logits, temperature, top_p, u)
             for r, tok_, l in zip(rows.tolist(), nxt.tolist(), lp.tolist()):
                 out_ids[r].append(tok_)
                 out_lps[r].append(l)

@@ -501,14 +501,24 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_pretrained(model, tokenizer, out: Path, merge: bool = True, model_dir: Path | None = None) -> Path:
+def save_pretrained(model, tokenizer, out: Path, merge: bool = True, model_dir: Path | None = None,
+                    state_dict: dict | None = None) -> Path:
     """Write OUT/model (Hugging Face format, safetensors) and, for LoRA, OUT/adapter.
 
     With LoRA and `merge`, OUT/model holds merged full weights, loadable without peft. `model_dir`
-    puts the model elsewhere (a member of a reward-model ensemble: ENSEMBLE/member-i). Returns the model folder.
+    puts the model elsewhere (a member of a reward-model ensemble: ENSEMBLE/member-i). `state_dict`: the
+    full weights gathered from a sharded model (FSDP, ZeRO-3), written instead of the module's own.
+    Returns the model folder.
     """
     model_dir = out / "model" if model_dir is None else Path(model_dir)
     is_peft = hasattr(model, "peft_config")
+    if state_dict is not None:
+        if is_peft:
+            raise TetherError("LoRA under FSDP / ZeRO-3 is not supported: LoRA's frozen base fits one device, so "
+                              "launch it with the DDP config (configs/accelerate/ddp.yaml)")
+        model.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(model_dir)
+        return model_dir
     if is_peft:
         # Only the active adapter is the model (PPO's shared critic is a second adapter on the same base).
         active = model.active_adapter

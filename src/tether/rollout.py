@@ -75,15 +75,16 @@ def response_lengths(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_batch(policy, tok, prompts, R, device, engine: Engine | None = None) -> dict:
+def sample_batch(policy, tok, prompts, R, device, engine: Engine | None = None, seeds: list[int] | None = None) -> dict:
     """Sample one response per prompt entry (`tether.tasks.Prompt`) as tensors for RL: left-padded
     queries, right-padded responses, lengths (first EOS included), masks, decoded texts, and the
     engine's own log-probs of the sampled tokens (`engine_logp`; the trainer recomputes its own, so
     PPO's first ratio is exactly 1). `R` has batch_size, temperature and max_new_tokens; sampling is
-    plain (top_p 1, no top-k), so log-probs at the same temperature are the sampling distribution's."""
+    plain (top_p 1, no top-k), so log-probs at the same temperature are the sampling distribution's.
+    `seeds`: one per prompt entry, for seeded sampling (Engine.generate)."""
     engine = engine or Engine(policy, tok, engine_dtype(policy))
     queries = prompt_ids(tok, [p.messages for p in prompts])
-    out = engine.generate(queries, R.max_new_tokens, R.temperature, 1.0, R.batch_size)
+    out = engine.generate(queries, R.max_new_tokens, R.temperature, 1.0, R.batch_size, seeds=seeds)
     pad = tok.pad_token_id
     Q = max(len(q) for q in queries)
     T = max(len(r) for r in out.response_ids)

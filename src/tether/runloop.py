@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tether.config import save_config, to_dict
+from tether.distributed import world
 from tether.errors import TetherError, TrainingDiverged
 
 log = logging.getLogger("tether")
@@ -49,6 +50,9 @@ class Run:
     refused outright. `continues`: the stage continues an unfinished run by itself (label's samples),
     which is right only for the config that made it, so a folder recording another config is refused
     unless overwrite.
+
+    Under a multi-process launch only rank 0 touches the folder (claims it, writes config, metrics,
+    checkpoints, summary); the other ranks read its checkpoints to resume (a folder every node sees).
     """
 
     def __init__(self, out: str | Path, cfg, resume: bool = False, report_to: str = "tensorboard", continues: bool = False):
@@ -56,6 +60,8 @@ class Run:
         self.ckpt_dir = self.out / "checkpoints"
         self.t0 = time.time()
         self.stop_requested = False
+        self.world = world()
+        self.writes = self.world.is_main
         trainer = hasattr(cfg, "train")
         overwrite = bool(getattr(cfg.train if trainer else cfg, "overwrite", False))
         flag = "--overwrite" if trainer else "--set overwrite=true"
@@ -66,10 +72,12 @@ class Run:
                 raise TetherError(f"{self.out} holds a run of another config (see its config.yaml): pass {flag} to "
                                   "replace it (the folder is emptied first), or choose another --out")
             resume = True
-        if not resume:
-            _claim_folder(self.out, overwrite, trainer, flag)
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "config.yaml")
+        if self.writes:
+            if not resume:
+                _claim_folder(self.out, overwrite, trainer, flag)
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self.world.barrier()  # the other ranks look for checkpoints only once rank 0 has claimed the folder
         self.start_step = 0
         self._tb = None
         self._ext = None
@@ -106,7 +114,7 @@ class Run:
 
     # --- metrics ------------------------------------------------------------------------------
     def _trackers(self):
-        if self._tb is None and self.report_to != "none":
+        if self._tb is None and self.report_to != "none" and self.writes:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a crashed run wrote after the checkpoint we resumed from
@@ -115,6 +123,8 @@ class Run:
                 self._ext = _external_tracker(self.report_to, self.out, self._cfg)
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self.writes:
+            return
         metrics = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -144,15 +154,28 @@ class Run:
             **summary,
             "wall_time_s": round(time.time() - self.t0, 2),
             "peak_memory_mb": round(peak_memory_mb(), 1),
+            **({"world_size": self.world.size} if self.world.size > 1 else {}),
         }
+        if not self.writes:
+            return summary
         _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     # --- checkpoints --------------------------------------------------------------------------
+    def should_stop(self) -> bool:
+        """Whether a signal asked any rank to stop (all ranks then checkpoint and stop at the same step)."""
+        self.stop_requested = self.world.any(self.stop_requested)
+        return self.stop_requested
+
     def save_checkpoint(self, step: int, model, optimizer, scheduler, progress: dict, keep: int = 2) -> Path:
-        """Everything needed to continue bit-exactly: trainable weights, optimizer, scheduler, RNG."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        """Everything needed to continue bit-exactly: trainable weights, optimizer, scheduler, RNG (every
+        rank's). Every rank calls it; rank 0 writes."""
+        rng = self.world.gather_objects(rng_state())
         final = self.ckpt_dir / f"step-{step:08d}"
+        if not self.writes:
+            self.world.barrier()
+            return final
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.ckpt_dir / f".tmp-step-{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -162,7 +185,8 @@ class Run:
             {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": rng[0],
+                **({"rng_per_rank": rng} if len(rng) > 1 else {}),
             },
             tmp / "state.pt",
         )
@@ -172,6 +196,7 @@ class Run:
         os.replace(tmp, final)
         for old in sorted(self.ckpt_dir.glob("step-*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        self.world.barrier()
         return final
 
     def latest_checkpoint(self) -> Path | None:
@@ -194,12 +219,16 @@ class Run:
         state = torch.load(path / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank", [state["rng"]])
+        # each rank continues its own random stream; on another world size, rank 0's (tether's data order
+        # and sampling derive from the seed and the step, not from these streams)
+        set_rng_state(per_rank[self.world.rank] if len(per_rank) == self.world.size else state["rng"])
         progress = json.loads((path / "progress.json").read_text())
         self.start_step = progress["step"]
         if guard is not None:
             guard.total = progress.get("nan_skipped", 0)
-        _truncate_metrics(self.out / "metrics.jsonl", self.start_step)
+        if self.writes:
+            _truncate_metrics(self.out / "metrics.jsonl", self.start_step)
         log.info("resumed from %s", path)
         return progress
 
@@ -371,10 +400,14 @@ def clip_gradients(params: list, max_norm: float) -> torch.Tensor:
 
 def training_setup(t, model, n_items: int):
     """Step budget, optimizer, LR schedule and NaN guard for `n_items` training items (examples, or
-    prompt groups for reward models). Returns (total_steps, steps_per_epoch, optimizer, scheduler, guard)."""
+    prompt groups for reward models); under a launcher the model is wrapped for the engine here
+    (tether.distributed). Returns (total_steps, steps_per_epoch, optimizer, scheduler, guard)."""
+    w = world()
+    w.check_divisible(t.batch_size, "train.batch_size")
     steps_per_epoch = max(1, math.ceil(n_items / t.batch_size) // t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t.lr, t.weight_decay)
+    optimizer = w.prepare({"model": model}, optimizer)  # DDP / FSDP / DeepSpeed under a launcher; as is otherwise
     scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, total_steps)
     return total_steps, steps_per_epoch, optimizer, scheduler, NanGuard(t.max_nan_skips)
 
@@ -402,8 +435,10 @@ def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, sta
         eval_fn=None, on_step=None, guard: NanGuard | None = None, desc: str = "train") -> tuple[str, int, dict]:
     """Optimizer steps from `start_step` to `total_steps`, between two evaluations.
 
-    step_fn(step) runs forward and backward over the step's micro-batches and returns
-    (loss, metrics, n_tokens); a non-finite loss means "do not step". This loop owns what every
+    step_fn(step) runs forward and backward over the step's micro-batches (this rank's shard of them,
+    backward through `World.backward`) and returns (loss, metrics, n_tokens) of the GLOBAL batch; a
+    non-finite loss means "do not step" (the same decision on every rank: the loss and the gradient
+    norm are global). This loop owns what every
     trainer needs around that: NaN guard, gradient clipping, the LR schedule, metrics and the progress
     bar, periodic evaluation (eval_fn() -> metrics), the `on_step(step, run, model)` hook, periodic
     and on-signal checkpoints. A fresh run is evaluated before its first step; a finished one after its
@@ -424,7 +459,7 @@ def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, sta
             t0 = time.time()
             optimizer.zero_grad(set_to_none=True)
             loss, metrics, n_tokens = step_fn(step)
-            grad_norm = clip_gradients(params, t.max_grad_norm)
+            grad_norm = run.world.clip_gradients(params, t.max_grad_norm)
             if guard.ok(loss, grad_norm):
                 optimizer.step()
             else:
@@ -443,7 +478,7 @@ def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, sta
                 model.train()
             if on_step is not None:
                 on_step(step, run, model)
-            if run.stop_requested or (t.save_every and step % t.save_every == 0 and step < total_steps):
+            if run.should_stop() or (t.save_every and step % t.save_every == 0 and step < total_steps):
                 run.save_checkpoint(step, model, optimizer, scheduler, {"nan_skipped": guard.total}, t.keep_checkpoints)
             if run.stop_requested:
                 status = "interrupted"
@@ -458,3 +493,22 @@ def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, sta
         run.log(step, final)
     run.save_checkpoint(step, model, optimizer, scheduler, {"nan_skipped": guard.total}, t.keep_checkpoints)
     return status, step, final
+
+
+def save_model(model, tokenizer, run: Run, merge: bool = True, model_dir: Path | None = None, folder: Path | None = None) -> Path:
+    """OUT/model (or `model_dir`) in Hugging Face format, written by rank 0 (tether.models.save_pretrained);
+    under FSDP / ZeRO-3 every rank takes part in gathering the full weights first. `folder` replaces
+    run.out as the parent (OUT/best). Returns the model folder."""
+    from tether.models import save_pretrained
+
+    w = run.world
+    parent = run.out if folder is None else folder
+    target = parent / "model" if model_dir is None else Path(model_dir)
+    if w.kind in ("FSDP", "DEEPSPEED"):
+        full = w.full_state_dict(model)
+        if w.is_main:
+            save_pretrained(model, tokenizer, parent, merge=merge, model_dir=model_dir, state_dict=full)
+    elif w.is_main:
+        save_pretrained(model, tokenizer, parent, merge=merge, model_dir=model_dir)
+    w.barrier()
+    return target

@@ -190,6 +190,7 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    z0: torch.Tensor | None = None,
 ):
     """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization") on
     unpaired examples, each labelled desirable or not:
@@ -201,11 +202,15 @@ def kto_loss(
 
     z0 estimates KL(pi || ref) from completions paired with other examples' prompts; it is a
     reference point, not something to optimise, hence detached (as in the paper). With no
-    mismatched pairs (a batch of one) z0 is 0. Returns (losses, rewards, z0): rewards = beta * r,
-    (B,), for the caller to split by `desirable`, and z0 as a 0-dim tensor to log.
+    mismatched pairs (a batch of one) z0 is 0. `z0` given: the caller's estimate over a larger batch
+    (data parallelism: the mean over every rank's mismatched pairs), used as is. Returns (losses,
+    rewards, z0): rewards = beta * r, (B,), for the caller to split by `desirable`, and z0 as a 0-dim
+    tensor to log.
     """
     r = policy_logps - ref_logps
-    if kl_policy_logps.numel() == 0:
+    if z0 is not None:
+        z0 = z0.detach()
+    elif kl_policy_logps.numel() == 0:
         z0 = r.new_zeros(())
     else:
         z0 = (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()

@@ -10,22 +10,28 @@ from __future__ import annotations
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, total=None) -> torch.Tensor:
+    """sum(x * mask) / sum(mask); `total` replaces sum(mask) (the count over a larger batch, e.g. every
+    data-parallel rank's minibatch, of which this one is a share)."""
     mask = mask.to(x.dtype)
+    if total is not None:
+        return (x * mask).sum() / max(float(total), 1.0)
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, all_sum=None) -> torch.Tensor:
     """(x - mean) / std over the masked entries only (unbiased variance), as in Ziegler et al. (2019)
     and Huang et al. (2024, "The N+ implementation details of RLHF with PPO"). With
     shift_mean=False the mean is added back: rewards keep their sign, only their scale changes.
-    Padding is returned as 0."""
+    Padding is returned as 0. `all_sum` (tether.distributed.World.all_sum) makes mean and variance
+    those of the global batch, every rank's share of it (two passes: sum and count, then squares)."""
+    S = all_sum or (lambda t: t)
     mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n.clamp(min=1)
-    var = (((x - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
+    n = S(mask.sum())
+    mean = S((x * mask).sum()) / n.clamp(min=1)
+    var = S((((x - mean) ** 2) * mask).sum()) / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -73,7 +79,7 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tens
     return kl_estimate(logp, ref_logp, kind)
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, norm: str = "token", budget: int | None = None) -> torch.Tensor:
+def aggregate(x: torch.Tensor, mask: torch.Tensor, norm: str = "token", budget: int | None = None, total=None) -> torch.Tensor:
     """Per-token losses (B, T) -> one scalar.
 
         token     sum(x * mask) / sum(mask)      every real token of the minibatch weighs the same
@@ -81,13 +87,16 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, norm: str = "token", budget: 
                                                  Training"): a constant normaliser, the generation budget,
                                                  so a sequence's weight does not depend on its own length
                                                  or on the lengths of the others in its minibatch
+
+    `total`: the minibatch is a share of a larger one (data parallelism) and the normaliser is that
+    one's: its real tokens (token) or its sequences (constant); the shares' losses then sum to its loss.
     """
     if norm == "token":
-        return masked_mean(x, mask)
+        return masked_mean(x, mask, total=total)
     if norm == "constant":
         if not budget or budget <= 0:
             raise ValueError("loss_norm 'constant' needs the generation budget (max_new_tokens > 0)")
-        return (x * mask.to(x.dtype)).sum() / (x.shape[0] * budget)
+        return (x * mask.to(x.dtype)).sum() / ((x.shape[0] if total is None else float(total)) * budget)
     raise ValueError(f"unknown loss normalisation {norm!r} (token, constant)")
 
 
@@ -128,14 +137,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2, dual_clip: float | None = None, norm: str = "token", budget: int | None = None):
+                    clip: float = 0.2, dual_clip: float | None = None, norm: str = "token", budget: int | None = None,
+                    total=None):
     """Clipped surrogate objective (Schulman et al. 2017), with optional dual clip (Ye et al. 2020):
 
         ratio = exp(logp - old_logp)
         L     = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
         dual  : for A < 0, L = min(L, -A * c)   (c > 1 caps the loss of a runaway ratio)
 
-    The per-token losses are reduced by `aggregate(norm, budget)`. Returns (loss, stats) with stats:
+    The per-token losses are reduced by `aggregate(norm, budget, total)`. Returns (loss, stats) with stats
+    (means over this minibatch's real tokens):
     clipfrac, approxkl and ratio mean. approxkl estimates KL(pi_old || pi) from the rollout's tokens,
     which were sampled from pi_old: with ratio = pi / pi_old, Schulman's (2020) k3 is
     (ratio - 1) - log ratio, unbiased and >= 0 per token.
@@ -153,22 +164,22 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
             "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
             "ratio_mean": masked_mean(ratio, mask).item(),
         }
-    return aggregate(loss, mask, norm, budget), stats
+    return aggregate(loss, mask, norm, budget, total), stats
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float = 0.2):
+                   clip: float = 0.2, total=None):
     """Clipped value loss (as in OpenAI baselines' PPO2 and Ziegler et al. 2019):
 
         V_clip = old_V + clip(V - old_V, -eps, eps)
         L      = 1/2 * max((V - R)^2, (V_clip - R)^2)
 
-    Returns (loss, clipfrac).
+    Returns (loss, clipfrac); `total`: the token count the mean divides by (as in `masked_mean`).
     """
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     l1 = (values - returns) ** 2
     l2 = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(l1, l2), mask)
+    loss = 0.5 * masked_mean(torch.max(l1, l2), mask, total=total)
     return loss, masked_mean((l2 > l1).float(), mask).item()
 
 
@@ -250,3 +261,40 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     z = logits.float()
     p = torch.softmax(z, dim=-1)
     return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+
+
+def truncated_importance_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,
+                                 cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance sampling for a rollout engine whose numerics differ from the trainer's
+    (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"; vLLM
+    samples in its own kernels and precision, so pi_engine != pi_old even at the same weights):
+
+        w_t = min(pi_old(y_t) / pi_engine(y_t), C) = min(exp(logp_old - logp_engine), C)
+
+    The per-token policy loss is multiplied by w_t (no gradient through it), which corrects the
+    expectation from the engine's distribution to the trainer's; the cap C bounds the variance (IMPALA's
+    V-trace truncation, Espeholt et al. 2018). Returns w (B, T), 0 on padding.
+    """
+    with torch.no_grad():
+        return torch.exp(trainer_logp - engine_logp).clamp(max=cap) * mask.to(trainer_logp.dtype)
+
+
+def minibatch_partition(n_rows: int, minibatch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Row indices of each minibatch of one epoch: rows of the same residue class modulo minibatch_size
+    go to different minibatches, in a random order per class, so minibatch j holds one row of every class.
+
+    A shuffle of this shape does not depend on how the rows are split over data-parallel ranks: when
+    rank r owns the rows of the prompt groups g with g = r (mod W) and W * group_size divides
+    minibatch_size, every class lies on one rank and every minibatch takes minibatch_size / W rows from
+    each rank, so W processes run the same minibatches as one (each its own share) and the result does
+    not depend on W. With n_rows not a multiple of minibatch_size the last minibatch holds the rest.
+    """
+    m = -(-n_rows // minibatch_size)  # minibatches
+    slot = torch.empty(n_rows, dtype=torch.long)
+    for c in range(min(minibatch_size, n_rows)):
+        rows = torch.arange(c, n_rows, minibatch_size)
+        slot[rows] = torch.randperm(m, generator=generator)[: len(rows)]
+    if n_rows % minibatch_size:  # keep the minibatch sizes of a plain shuffle: full ones, then the rest
+        order = torch.argsort(slot * n_rows + torch.arange(n_rows), stable=True)
+        return [order[i : i + minibatch_size] for i in range(0, n_rows, minibatch_size)]
+    return [torch.nonzero(slot == j)[:, 0] for j in range(m)]

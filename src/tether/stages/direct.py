@@ -20,7 +20,6 @@ import gc
 import hashlib
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -38,10 +37,10 @@ from tether.models import (
     load_causal_lm,
     load_policy,
     resolve_dtype,
-    save_pretrained,
 )
 from tether.rollout import scored_logprobs
-from tether.runloop import Run, fit, micro_batch, seed_everything, training_setup
+from tether.distributed import world
+from tether.runloop import Run, fit, micro_batch, save_model, seed_everything, training_setup
 
 log = logging.getLogger("tether")
 
@@ -243,14 +242,18 @@ def read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
 
 @torch.no_grad()
 def precompute(ref, policy, examples: list[dict], keys: tuple, batch_size: int, pad_id: int, device, dtype) -> torch.Tensor:
-    """(N, len(keys)) reference log-probs of every sequence of `examples`, in length-sorted batches."""
+    """(N, len(keys)) reference log-probs of every sequence of `examples`, in length-sorted batches (under a
+    launcher each rank computes every W-th batch and the table is all-reduced)."""
+    w = world()
     out = torch.zeros(len(examples), len(keys))
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][keys[0]]["input_ids"]))
-    for s in range(0, len(order), batch_size):
+    for b, s in enumerate(range(0, len(order), batch_size)):
+        if b % w.size != w.rank:
+            continue
         idx = order[s : s + batch_size]
         lp = reference_logps(ref, policy, [examples[i][k] for k in keys for i in idx], pad_id, device, dtype)
         out[idx] = lp.view(len(keys), len(idx)).T.float().cpu()
-    return out
+    return w.all_sum(out)
 
 
 def prepare_reference(cfg: DirectConfig, run: Run, policy, splits: dict[str, list[dict]], keys: tuple, pad_id, device, dtype):
@@ -264,14 +267,17 @@ def prepare_reference(cfg: DirectConfig, run: Run, policy, splits: dict[str, lis
     path = run.out / CACHE
     key = cache_key(cfg, dtype, splits, keys)
     table = read_cache(path, key)
-    if table is None:
+    w = world()
+    if w.any(table is None):
         ref = load_reference(cfg, device)
         was = policy.training
         policy.eval()
         table = {s: precompute(ref, policy, ex, keys, cfg.train.batch_size, pad_id, device, dtype) for s, ex in splits.items()}
         policy.train(was)
-        save_file(table, str(path), metadata={"key": key, "reference": cfg.direct.ref_model or cfg.model.name,
-                                              "keys": ",".join(keys)})
+        if w.is_main:
+            save_file(table, str(path), metadata={"key": key, "reference": cfg.direct.ref_model or cfg.model.name,
+                                                  "keys": ",".join(keys)})
+        w.barrier()
         del ref
         gc.collect()
         if device.type == "cuda":
@@ -289,9 +295,10 @@ def prepare_reference(cfg: DirectConfig, run: Run, policy, splits: dict[str, lis
 # Losses of a micro-batch, and what is logged about them
 
 
-def forward_losses(cfg: DirectConfig, model, ref, items: list[dict], pad_id: int, device, dtype) -> tuple[torch.Tensor, dict]:
+def forward_losses(cfg: DirectConfig, model, ref, items: list[dict], pad_id: int, device, dtype, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Per-example losses of `items` (with autograd through the policy) and the detached tensors the
-    metrics are computed from."""
+    metrics are computed from. Under a launcher, `items` is this rank's share of the micro-batch (`scale`
+    0 for a stand-in row, tether.distributed.World.rows): KTO's z0 is then the mean over every rank's."""
     d = cfg.direct
 
     def ref_of(keys):  # (len(keys), B): cached on the examples, or a no-grad reference forward now
@@ -305,8 +312,14 @@ def forward_losses(cfg: DirectConfig, model, ref, items: list[dict], pad_id: int
             kl_logps, _ = policy_logps(model, items, ("kl",), pad_id, device, dtype)
         ref_lp = ref_of(UNPAIRED)
         desirable = torch.tensor([it["label"] for it in items], device=device)
+        z0 = None
+        w = world()
+        if w.size > 1 and model.training:  # the global micro-batch's z0 (evaluation runs whole on every rank)
+            n = w.all_sum(torch.tensor([float(len(items)) * scale], dtype=torch.float64, device=device))
+            total = w.all_sum((kl_logps[0] - ref_lp[1]).double().sum()[None] * scale)
+            z0 = (total / n.clamp(min=1)).clamp(min=0)[0].to(logps.dtype)
         losses, rewards, z0 = kto_loss(logps[0], ref_lp[0], desirable, kl_logps[0], ref_lp[1], beta=d.beta,
-                                       desirable_weight=d.desirable_weight, undesirable_weight=d.undesirable_weight)
+                                       desirable_weight=d.desirable_weight, undesirable_weight=d.undesirable_weight, z0=z0)
         return losses, {"rewards": rewards.detach(), "logps": logps[0].detach(), "desirable": desirable,
                         "z0": z0.expand(len(items)), "beta": d.beta}
 
@@ -406,20 +419,25 @@ def train(cfg: DirectConfig, on_step=None) -> dict:
 
     lengths = [max(len(e[key]["input_ids"]) for key in keys) for e in train_set] if t.group_by_length else None
 
+    w = world()
+
     def step_fn(step: int):
         batches = [micro_batch(train_set, k, t.batch_size, t.seed, lengths) for k in range(step * t.grad_accum, (step + 1) * t.grad_accum)]
-        n = sum(len(b) for b in batches)  # the step's loss is a mean over all of its examples, whatever the accumulation
+        n = sum(len(b) for b in batches)  # the step's loss is a mean over all of its examples (every rank's), whatever the accumulation
         loss_sum, outs = 0.0, []
-        for items in batches:
-            losses, out = forward_losses(cfg, model, ref, items, pad_id, device, dtype)
-            loss = losses.sum() / n
-            if not math.isfinite(loss.item()):
-                return float("nan"), {}, 0
-            loss.backward()
+        for i, mb in enumerate(batches):
+            items, scale = w.rows(mb)
+            with w.no_sync(i == len(batches) - 1):
+                losses, out = w.call(forward_losses, cfg, model, ref, items, pad_id, device, dtype, scale)
+                loss = losses.sum() / n * scale
+                w.backward(loss)  # (a non-finite loss still backpropagates on every rank; the step is skipped)
             loss_sum += loss.item()
-            outs.append(out)
+            if scale:
+                outs.append({k: v.cpu() if torch.is_tensor(v) else v for k, v in out.items()})
+        if w.size > 1:  # the metrics of the global batch: every rank's examples
+            outs = [o for rank_outs in w.gather_objects(outs) for o in rank_outs]
         n_tokens = sum(len(it[k]["input_ids"]) for b in batches for it in b for k in keys)
-        return loss_sum, {**metrics(outs), "train/epoch": (step + 1) / steps_per_epoch, "train/examples": n}, n_tokens
+        return w.all_sum(loss_sum), {**metrics(outs), "train/epoch": (step + 1) / steps_per_epoch, "train/examples": n}, n_tokens
 
     with Run(t.out, cfg, resume=t.resume, report_to=t.report_to) as run:
         if not reference_free(d):
@@ -436,7 +454,7 @@ def train(cfg: DirectConfig, on_step=None) -> dict:
         status, step, final = fit(run, t, model, optimizer, scheduler, step_fn, total_steps, start, eval_fn, on_step, guard, desc=d.method)
         if status == "interrupted":
             return {"status": status, "step": step}
-        model_dir = save_pretrained(model, tok, run.out, merge=cfg.model.merge)
+        model_dir = save_model(model, tok, run, merge=cfg.model.merge)
         rows = run.read_metrics()
         last = next((m for m in reversed(rows) if "train/loss" in m), {})
         initial = next((m for m in rows if m["step"] == 0 and "eval/loss" in m), {})

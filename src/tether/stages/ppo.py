@@ -35,9 +35,10 @@ from tether.losses.lm import sft_loss, token_logprobs
 from tether.monitor import Monitor
 from tether.models import (apply_lora, autocast, causal_mask, default_device, frozen_matrices_in, is_reward_ensemble,
                            load_causal_lm, load_reward_ensemble, load_reward_model, load_tokenizer, RemoteRewardModel, resolve_dtype,
-                           reward_member_paths, reward_normaliser, save_pretrained, score_conversations, token_scores)
+                           reward_member_paths, reward_normaliser, score_conversations, token_scores)
 from tether.rollout import generate, join, policy_forward, response_states, sample_batch, trim_padding, trunk
-from tether.runloop import NanGuard, Run, clip_gradients, make_optimizer, make_scheduler, seed_everything
+from tether.distributed import world
+from tether.runloop import NanGuard, Run, make_optimizer, make_scheduler, save_model, seed_everything
 from tether.tasks import load_task, subset
 
 log = logging.getLogger("tether")
@@ -213,6 +214,9 @@ class Scorer:
             raise TetherError("reward.gold_weight needs a task with a gold scorer; your own prompts have none")
         # normalize=running: count, mean, M2 (Welford) per reward model (one for a single RM), checkpointed
         self.running = [[0, 0.0, 0.0] for _ in self.members]
+        # data parallelism: (this rank's rows) -> (the global batch's rows), so the running statistics
+        # are those of the global batch on every rank
+        self.gather = None
 
     @torch.no_grad()
     def __call__(self, prompts, texts: list[str], finished: list[bool], update: bool = True) -> tuple[torch.Tensor, list[float] | None]:
@@ -253,7 +257,8 @@ class Scorer:
             mean, std = self.stats[member]
             return (r - mean) / std
         state = self.running[member]
-        for x in r.tolist() if update else []:  # Welford's online mean and variance
+        seen = self.gather(r) if self.gather is not None and update else r
+        for x in seen.tolist() if update else []:  # Welford's online mean and variance
             n, mean, m2 = state
             n += 1
             d = x - mean
@@ -286,6 +291,53 @@ def group_size(cfg: PPOConfig) -> int:
     if cfg.ppo.algo in ("grpo", "rloo") and G < 2:
         raise TetherError(f"{cfg.ppo.algo} needs rollout.group_size >= 2 samples per prompt (0 = 4)")
     return G
+
+
+def check_world(cfg: PPOConfig, n_groups: int, G: int, W: int) -> None:
+    """Under W > 1 processes the global batch (prompts_per_step groups of G samples) must split into equal
+    shares of whole groups, and each minibatch must take the same number of whole-group rows from every
+    rank (losses.rl.minibatch_partition), so W processes run exactly the minibatches one process runs."""
+    if W == 1:
+        return
+    P = cfg.ppo
+    if n_groups % W:
+        raise TetherError(f"rollout.prompts_per_step={n_groups} is not divisible by the world size {W}: "
+                          f"each process samples an equal share of the prompts; use a multiple of {W}")
+    if P.minibatch_size % (G * W) or (n_groups * G) % P.minibatch_size:
+        raise TetherError(f"ppo.minibatch_size={P.minibatch_size} must be a multiple of group_size x world size "
+                          f"({G} x {W} = {G * W}) and divide the global batch ({n_groups} prompts x {G} = "
+                          f"{n_groups * G} samples) when training on {W} processes")
+
+
+class RowLayout:
+    """Which rows of an iteration's global batch this rank holds: the prompt groups g = rank (mod W) of the
+    `n_groups` sampled prompts, each group's G rows consecutive (global row = g * G + j). `gather` and
+    `gather_list` bring every rank's rows back in the global batch's order (one process: the identity)."""
+
+    def __init__(self, w, n_groups: int, G: int):
+        self.w, self.G = w, G
+        self.groups = list(range(w.rank, n_groups, w.size))
+        self.global_rows = [g * G + j for g in self.groups for j in range(G)]
+        per = len(self.global_rows)
+        # position in the rank-ordered concatenation -> global row, inverted: global row -> position
+        where = [(g * G + j) for r in range(w.size) for g in range(r, n_groups, w.size) for j in range(G)]
+        self.order = torch.empty(len(where), dtype=torch.long)
+        self.order[torch.tensor(where)] = torch.arange(len(where))
+        self.local = {r: i for i, r in enumerate(self.global_rows)}
+        assert per * w.size == len(where)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w.size == 1:
+            return x
+        flag = x.dtype == torch.bool
+        y = self.w.all_gather(x.long() if flag else x)[self.order.to(x.device)]
+        return y.bool() if flag else y
+
+    def gather_list(self, items: list) -> list:
+        if self.w.size == 1:
+            return items
+        flat = [v for part in self.w.gather_objects(list(items)) for v in part]
+        return [flat[i] for i in self.order.tolist()]
 
 
 def kl_setup(P) -> tuple[bool, str]:
@@ -330,6 +382,9 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     prompts_all = subset(task.prompts("train"), cfg.task.num_prompts, "train-prompts")
     if not prompts_all:
         raise TetherError(f"no train prompts in {cfg.data.path or cfg.task.name}")
+    n_groups = min(R.prompts_per_step, len(prompts_all))  # prompts sampled per iteration, G samples each
+    w = world()
+    check_world(cfg, n_groups, G, w.size)  # a batch that does not split over the ranks fails before anything loads
     held_out = subset(task.prompts("eval"), cfg.eval_prompts, "eval-prompts") if cfg.eval_prompts else []
     seed_everything(t.seed)
     device = default_device()
@@ -360,6 +415,9 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     params = [p for p in modules.parameters() if p.requires_grad]
     # the shared optimizer set-up (no decay on norms and biases); eps 1e-5 as in CleanRL's PPO
     optimizer = make_optimizer(params, t.lr, t.weight_decay, eps=1e-5)
+    # under a launcher: policy and critic wrapped for the engine (DDP, FSDP, DeepSpeed); a step may leave the
+    # policy out (critic warm-up), so DDP looks for unused parameters
+    optimizer = w.prepare(dict(modules.items()), optimizer, unused=True)
     scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, t.max_steps)
     guard = NanGuard(P.max_nan_skips)
     beta = P.kl_coef
@@ -367,6 +425,9 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     monitor = Monitor(cfg.monitor)
     best = {"value": None, "step": None}  # monitor.keep_best: the best policy so far, kept in OUT/best
     stopped_early = None
+
+    rows = RowLayout(w, n_groups, G)
+    scorer.gather = rows.gather if w.size > 1 else None
 
     with Run(t.out, cfg, resume=t.resume, report_to=t.report_to) as run:
         it = 0
@@ -385,9 +446,13 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             # ---- 1. rollout ---------------------------------------------------------------------
             t0 = time.time()
             order = torch.randperm(len(prompts_all), generator=torch.Generator().manual_seed(t.seed * 7919 + it))
-            prompts = [prompts_all[i] for i in order[: R.prompts_per_step].tolist() for _ in range(G)]
+            chosen = order[: R.prompts_per_step].tolist()
+            # this rank's prompt groups: g = rank (mod W), each with its G samples (a group never straddles ranks)
+            prompts = [prompts_all[chosen[g]] for g in rows.groups for _ in range(G)]
             engine.load_weights(policy)  # the rollout engine samples with the policy as it is now (bf16 copy)
-            batch = sample_batch(policy, tok, prompts, R, device, engine)  # log-probs are recomputed below: ratio exactly 1
+            # seeded per global row: a response does not depend on which rank or batch samples it
+            seeds = [(t.seed * 1_000_003 + it * 10_007 + r) % 2**31 for r in rows.global_rows]
+            batch = sample_batch(policy, tok, prompts, R, device, engine, seeds)  # log-probs are recomputed below: ratio exactly 1
             timings["time/generate"] = time.time() - t0
             lengths, mask = batch["lengths"], batch["mask"]
             # ---- 2. old log-probs, reference log-probs, values (no autograd) --------------------
@@ -397,7 +462,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             # (critic-free, KL as a loss): every minibatch's forward runs before the update, so the old
             # log-probs are that forward's own (detached; ratio exactly 1) and need no pass of their own.
             on_policy = (critic is None and kl_as_loss and P.epochs == 1 and ptx is None
-                         and math.ceil(len(prompts) / P.minibatch_size) <= P.grad_accum)
+                         and math.ceil(n_groups * G / P.minibatch_size) <= P.grad_accum)
             old_logp = old_values = None
             with torch.no_grad(), autocast(device, dtype):
                 if not on_policy:
@@ -424,35 +489,42 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             if not on_policy:  # (on_policy: the KL is logged after optimise has filled old_logp)
                 kl = rl.kl_estimate(old_logp, ref_logp, kl_est) * mask  # per token; in the reward or (kl_as_loss) logged
                 seq_kl = kl.sum(1)
+            all_sum = w.all_sum if w.size > 1 else None  # statistics over the global batch, every rank's rows
             if algo == "ppo":
                 rewards = rl.kl_penalised_rewards(score, torch.zeros_like(kl) if kl_as_loss else kl, beta, lengths)
                 adv, returns = rl.gae(rewards, old_values, mask, P.gamma, P.lam)
                 if P.whiten_advantages:
-                    adv = rl.masked_whiten(adv, mask)
+                    adv = rl.masked_whiten(adv, mask, all_sum=all_sum)
             else:
                 seq_reward = score if kl_as_loss else score - beta * seq_kl
                 if algo == "grpo":
                     a = rl.grpo_advantages(seq_reward, G, P.grpo_scale_std)
                 elif algo == "rloo":
                     a = rl.rloo_advantages(seq_reward, G)
-                else:
-                    a = seq_reward - seq_reward.mean()
+                else:  # REINFORCE: the global batch's mean reward as the baseline
+                    a = seq_reward - w.all_sum(seq_reward.sum()) / (len(seq_reward) * w.size)
                 adv, returns = a[:, None] * mask, None
             # ---- 6. optimise --------------------------------------------------------------------
             t0 = time.time()
             stats = optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values,
                              adv, returns, beta, it < P.critic_warmup_steps, ptx, tok, device, dtype,
-                             kl_est if kl_as_loss else None, fill_old=on_policy)
+                             kl_est if kl_as_loss else None, fill_old=on_policy, rows=rows, it=it)
             scheduler.step()
             timings["time/train"] = time.time() - t0
             if on_policy:
                 seq_kl = (rl.kl_estimate(old_logp, ref_logp, kl_est) * mask).sum(1)
             # ---- 7. KL control, metrics, samples, checkpoints -----------------------------------
+            # every statistic below is over the global batch: this rank's rows gathered with the others'
+            # (one process: the rows themselves), in the global batch's order
+            score, seq_kl, lengths, finished = (rows.gather(x) for x in (score, seq_kl, lengths, finished.to(device)))
+            texts, prompts = rows.gather_list(texts), rows.gather_list(prompts)
+            gold = rows.gather_list(gold) if gold is not None else None
+            disagreement = rows.gather(disagreement.to(device)) if disagreement is not None else None
             mean_kl = seq_kl.mean().item()
             if P.adaptive_kl:
                 beta = rl.adaptive_kl_beta(beta, mean_kl, P.kl_target, P.kl_horizon, len(prompts))
             it += 1
-            n_tokens = int(mask.sum())
+            n_tokens = int(lengths.sum())
             non_score = (-beta * seq_kl).mean().item()
             metrics = {
                 "objective/scores": score.mean().item(), "objective/kl": mean_kl,
@@ -474,17 +546,19 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             run.log(it, metrics)
             for f in flags:
                 log.warning("monitor, iteration %d: %s", it, f.message)
-                with open(run.out / "monitor.jsonl", "a") as fh:
-                    fh.write(json.dumps(f.__dict__) + "\n")
+                if run.writes:
+                    with open(run.out / "monitor.jsonl", "a") as fh:
+                        fh.write(json.dumps(f.__dict__) + "\n")
             ref_length = ref_length or metrics["response/length_mean"]
             warn(metrics, ref_length)
             gold_txt = f"gold {metrics['objective/gold']:.3f}  " if gold is not None else ""
-            print(f"{algo} {it}/{t.max_steps}  score {metrics['objective/scores']:+.3f}  {gold_txt}"
-                  f"kl {mean_kl:.3f}  len {metrics['response/length_mean']:.1f}  "
-                  f"gen {timings['time/generate']:.1f}s fwd {timings['time/forward']:.1f}s score {timings['time/score']:.1f}s "
-                  f"train {timings['time/train']:.1f}s",
-                  file=sys.stderr, flush=True)
-            if cfg.sample_every and it % cfg.sample_every == 0:
+            if run.writes:
+                print(f"{algo} {it}/{t.max_steps}  score {metrics['objective/scores']:+.3f}  {gold_txt}"
+                      f"kl {mean_kl:.3f}  len {metrics['response/length_mean']:.1f}  "
+                      f"gen {timings['time/generate']:.1f}s fwd {timings['time/forward']:.1f}s score {timings['time/score']:.1f}s "
+                      f"train {timings['time/train']:.1f}s",
+                      file=sys.stderr, flush=True)
+            if cfg.sample_every and it % cfg.sample_every == 0 and run.writes:
                 table = [{"step": it, "prompt": p.text, "response": txt, "score": s, **({"gold": gold[i]} if gold is not None else {})}
                          for i, (p, txt, s) in enumerate(list(zip(prompts, texts, score.tolist()))[:8])]
                 with open(run.out / "samples.jsonl", "a") as f:
@@ -501,8 +575,9 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 value = metrics["objective/scores"]
             if value is not None and (best["value"] is None or value > best["value"]):
                 best = {"value": value, "step": it, "kind": cfg.monitor.keep_best, "kl": mean_kl}
-                save_pretrained(policy, tok, run.out / "best", merge=cfg.model.merge)
-                (run.out / "best" / "best.json").write_text(json.dumps(best, indent=2))
+                save_model(policy, tok, run, merge=cfg.model.merge, folder=run.out / "best")
+                if run.writes:
+                    (run.out / "best" / "best.json").write_text(json.dumps(best, indent=2))
             if on_step is not None:
                 on_step(it, run, modules)
             if cfg.monitor.stop_on_flag and any(f.flag in ("gold_falls_while_proxy_rises", "ensemble_disagreement") for f in flags):
@@ -511,7 +586,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 break
             progress = {"beta": beta, "nan_skipped": guard.total, "best": best, "ref_length": ref_length, "monitor": monitor.state(),
                         "reward_running": scorer.running}
-            if run.stop_requested or (t.save_every and it % t.save_every == 0 and it < t.max_steps):
+            if run.should_stop() or (t.save_every and it % t.save_every == 0 and it < t.max_steps):
                 run.save_checkpoint(it, modules, optimizer, scheduler, progress, t.keep_checkpoints)
             if run.stop_requested:
                 print(f"tether: stopped at iteration {it}; checkpoint saved. Continue with --resume.", file=sys.stderr)
@@ -524,7 +599,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             run.log(it, final)
         first = next((m for m in run.read_metrics() if m["step"] == 0 and any(k.startswith("eval/") for k in m)), {})
         evals = {f"{k}_initial": first[k] for k in final if k in first} | final  # eval/gold only where there is gold
-        model_dir = save_pretrained(policy, tok, run.out, merge=cfg.model.merge)
+        model_dir = save_model(policy, tok, run, merge=cfg.model.merge)
         last = run.read_metrics()[-1] if run.read_metrics() else {}
         return run.finish({"stage": "ppo", "algo": algo, "status": "done", "steps": it, **evals, "has_gold": has_gold,
                            **{k: v for k, v in last.items() if k.startswith(("objective/", "response/"))},
@@ -535,101 +610,145 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
 
 
 def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values, adv, returns,
-             beta, critic_only, ptx, tok, device, dtype, kl_loss_est=None, fill_old: bool = False) -> dict:
+             beta, critic_only, ptx, tok, device, dtype, kl_loss_est=None, fill_old: bool = False,
+             rows: RowLayout | None = None, it: int = 0) -> dict:
     """Clipped PPO epochs over one rollout batch. kl_loss_est: the KL as a loss term with that
     estimator (GRPO, kl_in_reward off), None when the KL is in the reward. `critic_only` (critic
     warm-up) trains the value function alone: no policy, entropy, KL or ptx term. `fill_old` (one
     epoch, one optimizer step): each minibatch's own detached log-probs are its old ones, written into
-    old_logp."""
+    old_logp.
+
+    Data parallelism (`rows`: this rank's rows of the global batch): the minibatches are those of the
+    global batch (losses.rl.minibatch_partition, seeded by the iteration and epoch), each rank runs its
+    share, every loss is normalised by the global minibatch's count, and every statistic (the early-stop
+    approx KL included) is all-reduced, so W processes take the optimizer steps one process takes."""
     P = cfg.ppo
+    w = world()
+    rows = rows or RowLayout(w, len(batch["lengths"]), 1)
     norm, budget = P.loss_norm, cfg.rollout.max_new_tokens  # Dr. GRPO's constant: the generation budget
-    B = len(batch["lengths"])
     mask = batch["mask"]
+    n_global = len(rows.global_rows) * w.size
     keys = ("query_ids", "query_mask", "response_ids", "lengths", "mask")
     acc: dict[str, list] = {}
     first_ratio = None
     head = critic if isinstance(critic, ValueHead) else None  # values from the policy's own forward
+
+    def minibatch_loss(mb, idx, m, total, n_tokens):
+        """The minibatch share's loss (normalised by the global minibatch's `total`) and its statistics as
+        sums over its tokens (`n` real tokens), for the all-reduce."""
+        logp, ent, values = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy="grad" if P.ent_coef else True,
+                                           value_head=head)
+        if fill_old:
+            old_logp[idx, : m.shape[1]] = logp.detach() * m
+        T = m.shape[1]
+        pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx, :T], adv[idx, :T], m, P.clip, P.dual_clip or None, norm, budget, total)
+        n = float(m.sum())
+        parts = {"tokens": n, "policy/clipfrac": s["clipfrac"] * n, "policy/approxkl": s["approxkl"] * n,
+                 "policy/ratio_mean": s["ratio_mean"] * n, "entropy": rl.masked_mean(ent.detach(), m).item() * n,
+                 "loss/policy": pg_loss.item()}
+        loss = torch.zeros((), device=device) if critic_only else pg_loss - P.ent_coef * rl.aggregate(ent, m, norm, budget, total)
+        if kl_loss_est is not None and not critic_only:  # the KL as a loss term (GRPO; kl_in_reward off)
+            kl_term = rl.aggregate(rl.kl_loss(logp, ref_logp[idx, :T], kl_loss_est), m, norm, budget, total)
+            loss = loss + beta * kl_term
+            parts["loss/kl"] = kl_term.item()
+        if critic is not None:
+            if head is None:
+                with autocast(device, dtype):
+                    values = critic_forward(critic, mb)
+            vf_loss, vf_clipfrac = rl.ppo_value_loss(values.float(), old_values[idx, :T], returns[idx, :T], m, P.vf_clip,
+                                                     total=n_tokens)
+            loss = loss + P.vf_coef * vf_loss
+            parts["loss/value"], parts["val/clipfrac"] = vf_loss.item(), vf_clipfrac * n
+        if ptx is not None and not critic_only:  # PPO-ptx: keep the language-modelling ability (each rank its own rows)
+            sample = random.sample(ptx, min(len(ptx), max(1, P.minibatch_size // w.size)))
+            pb = D.collate(sample, tok.pad_token_id)
+            with autocast(device, dtype):
+                logits = policy(input_ids=pb["input_ids"].to(device), attention_mask=pb["attention_mask"].to(device)).logits
+            lm = sft_loss(token_logprobs(logits, pb["input_ids"].to(device)), pb["loss_mask"].to(device), int(pb["loss_mask"][:, 1:].sum()))
+            loss = loss + P.ptx_coef * lm / w.size  # the ranks' shares sum to the mean of their ptx losses
+            parts["loss/ptx"] = lm.item() / w.size
+        parts["loss/total"] = loss.item()
+        return loss, parts
+
     optimizer.zero_grad(set_to_none=True)
     for epoch in range(P.epochs):
-        n_mb = 0
-        perm = torch.randperm(B)
-        for start in range(0, B, P.minibatch_size):
-            idx = perm[start : start + P.minibatch_size]
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + it * 7_919 + epoch)
+        parts_of_epoch = rl.minibatch_partition(n_global, P.minibatch_size, gen)
+        epoch_kl = []
+        for j, part in enumerate(parts_of_epoch):
+            idx = torch.tensor([rows.local[g] for g in part.tolist() if g in rows.local], dtype=torch.long)
             # the minibatch's own padding only: responses cut at its longest, queries' all-padding columns gone
             mb, T = trim_padding({k: batch[k][idx] for k in keys})
             m = mask[idx, :T]
-            with autocast(device, dtype):
-                logp, ent, values = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy="grad" if P.ent_coef else True,
-                                                   value_head=head)
-            if fill_old:
-                old_logp[idx, :T] = logp.detach() * m
-            pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx, :T], adv[idx, :T], m, P.clip, P.dual_clip or None, norm, budget)
-            if first_ratio is None:
-                first_ratio = s["ratio_mean"]
-            loss = torch.zeros((), device=device) if critic_only else pg_loss - P.ent_coef * rl.aggregate(ent, m, norm, budget)
-            if kl_loss_est is not None and not critic_only:  # the KL as a loss term (GRPO; kl_in_reward off)
-                kl_term = rl.aggregate(rl.kl_loss(logp, ref_logp[idx, :T], kl_loss_est), m, norm, budget)
-                loss = loss + beta * kl_term
-                acc.setdefault("loss/kl", []).append(kl_term.item())
-            if critic is not None:
-                if head is None:
-                    with autocast(device, dtype):
-                        values = critic_forward(critic, mb)
-                vf_loss, vf_clipfrac = rl.ppo_value_loss(values.float(), old_values[idx, :T], returns[idx, :T], m, P.vf_clip)
-                loss = loss + P.vf_coef * vf_loss
-                acc.setdefault("loss/value", []).append(vf_loss.item())
-                acc.setdefault("val/clipfrac", []).append(vf_clipfrac)
-            if ptx is not None and not critic_only:  # PPO-ptx: keep the language-modelling ability
-                rows = random.sample(ptx, min(len(ptx), P.minibatch_size))
-                pb = D.collate(rows, tok.pad_token_id)
+            n_tokens = w.all_sum(float(m.sum()))  # the global minibatch's real tokens: every loss's normaliser
+            total = n_tokens if norm == "token" else len(part)
+            last = (j + 1) % P.grad_accum == 0 or j == len(parts_of_epoch) - 1
+            with w.no_sync(last):
                 with autocast(device, dtype):
-                    logits = policy(input_ids=pb["input_ids"].to(device), attention_mask=pb["attention_mask"].to(device)).logits
-                lm = sft_loss(token_logprobs(logits, pb["input_ids"].to(device)), pb["loss_mask"].to(device), int(pb["loss_mask"][:, 1:].sum()))
-                loss = loss + P.ptx_coef * lm
-                acc.setdefault("loss/ptx", []).append(lm.item())
-            n_mb += 1
-            if not math.isfinite(loss.item()):  # skip this minibatch's gradient; the guard counts it
+                    loss, parts = w.call(minibatch_loss, mb, idx, m, total, n_tokens)
+                finite = not w.any(not math.isfinite(loss.item()))
+                if finite:
+                    w.backward(loss / P.grad_accum)
+            # statistics of the global minibatch: token-weighted means, and the loss shares summed
+            keys_ = sorted(parts)
+            g = dict(zip(keys_, w.all_sum(torch.tensor([float(parts[k]) for k in keys_], dtype=torch.float64)).tolist()))
+            ntok, global_loss = max(g.pop("tokens"), 1.0), g.pop("loss/total")
+            for k, v in g.items():
+                acc.setdefault(k, []).append(v if k.startswith("loss/") else v / ntok)
+            if first_ratio is None:
+                first_ratio = g["policy/ratio_mean"] / ntok
+            epoch_kl.append(g["policy/approxkl"] / ntok)
+            if not finite:  # skip this minibatch's gradient on every rank; the guard counts it
                 guard.ok(float("nan"))
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            (loss / P.grad_accum).backward()
-            if n_mb % P.grad_accum == 0 or start + P.minibatch_size >= B:
-                grad_norm = clip_gradients(params, cfg.train.max_grad_norm)  # 0 = no clipping, as in every trainer
-                if guard.ok(loss.item(), grad_norm):
+            if last:
+                grad_norm = w.clip_gradients(params, cfg.train.max_grad_norm)  # 0 = no clipping, as in every trainer
+                if guard.ok(global_loss, grad_norm):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 acc.setdefault("train/grad_norm", []).append(float(grad_norm))
-            for k, v in (("loss/policy", pg_loss.item()), ("policy/approxkl", s["approxkl"]), ("policy/clipfrac", s["clipfrac"]),
-                         ("policy/ratio_mean", s["ratio_mean"]), ("entropy", rl.masked_mean(ent.detach(), m).item())):
-                acc.setdefault(k, []).append(v)
-        if P.target_kl and sum(acc["policy/approxkl"][-math.ceil(B / P.minibatch_size):]) / math.ceil(B / P.minibatch_size) > P.target_kl:
+        if P.target_kl and sum(epoch_kl) / len(epoch_kl) > P.target_kl:
             acc.setdefault("policy/early_stop_epoch", []).append(epoch)
             break
     out = {k: sum(v) / len(v) for k, v in acc.items() if v}
     out["policy/ratio_first_mb"] = first_ratio
     if critic is not None:
-        out["val/explained_variance"] = explained_variance(old_values, returns, mask)
+        out["val/explained_variance"] = explained_variance(old_values, returns, mask, w.all_sum if w.size > 1 else None)
     return out
 
 
-def explained_variance(values, returns, mask) -> float:
-    """1 - Var(R - V) / Var(R) over real tokens: 1 = perfect critic, <= 0 = no better than a constant."""
+def explained_variance(values, returns, mask, all_sum=None) -> float:
+    """1 - Var(R - V) / Var(R) over real tokens: 1 = perfect critic, <= 0 = no better than a constant.
+    `all_sum`: over every rank's tokens (sums and sums of squares, all-reduced)."""
     m = mask.bool()
-    r, v = returns[m].float(), values[m].float()
-    var = r.var()
-    return float("nan") if var == 0 else (1 - (r - v).var() / var).item()
+    r, d = returns[m].double(), (returns[m] - values[m]).double()
+    sums = torch.stack([torch.tensor(float(len(r)), dtype=torch.float64), r.sum(), (r**2).sum(), d.sum(), (d**2).sum()])
+    n, sr, srr, sd, sdd = (all_sum(sums) if all_sum else sums).tolist()
+    if n < 2:
+        return float("nan")
+    var_r, var_d = (srr - sr**2 / n) / (n - 1), (sdd - sd**2 / n) / (n - 1)
+    return float("nan") if var_r <= 0 else 1 - var_d / var_r
 
 
 @torch.no_grad()
 def heldout_eval(policy, tok, task, prompts, R, device, dtype, scorer, engine) -> dict:
     """Greedy responses to held-out prompts: their mean reward (`eval/score`, the proxy, scored without
     updating a running normalisation) and, where the task has a gold scorer, their mean gold (`eval/gold`);
-    with a reward-model ensemble, the members' mean disagreement on them (`eval/ensemble_std`)."""
+    with a reward-model ensemble, the members' mean disagreement on them (`eval/ensemble_std`). Under a
+    launcher each rank answers every W-th prompt and the sums are all-reduced."""
+    w = world()
+    mine = w.shard(prompts)
     engine.load_weights(policy)
-    outs = generate(policy, tok, [p.messages for p in prompts], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size, engine=engine)
-    score, gold = scorer(prompts, [o.text for o in outs], [o.finished for o in outs], update=False)
-    return {"eval/score": score.mean().item(), **({"eval/gold": sum(gold) / len(gold)} if gold is not None else {}),
-            **({"eval/ensemble_std": scorer.disagreement.mean().item()} if scorer.ensemble else {})}
+    outs = generate(policy, tok, [p.messages for p in mine], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size, engine=engine) if mine else []
+    score, gold = scorer(mine, [o.text for o in outs], [o.finished for o in outs], update=False) if mine else (torch.zeros(0), [] if scorer.has_gold else None)
+    n = len(prompts)
+    out = {"eval/score": w.all_sum(float(score.sum())) / n}
+    if gold is not None:
+        out["eval/gold"] = w.all_sum(float(sum(gold))) / n
+    if scorer.ensemble:
+        out["eval/ensemble_std"] = w.all_sum(float(scorer.disagreement.sum()) if mine else 0.0) / n
+    return out
 
 
 def _cell(text: str) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -39,8 +38,9 @@ from tether.errors import TetherError
 from tether.losses.preference import bradley_terry_loss, pairwise_from_groups, reward_centering_loss
 from tether.losses.rl import ensemble_reward, ensemble_std
 from tether.models import (apply_lora, autocast, default_device, load_reward_model, resolve_dtype,
-                           reward_normaliser, save_pretrained, sequence_scores, write_ensemble_manifest)
-from tether.runloop import Run, fit, micro_batch, seed_everything, training_setup
+                           reward_normaliser, sequence_scores, write_ensemble_manifest)
+from tether.distributed import world
+from tether.runloop import Run, fit, micro_batch, save_model, seed_everything, training_setup
 
 log = logging.getLogger("tether")
 
@@ -62,11 +62,16 @@ def bootstrap(items: list, seed: int) -> list:
     return [items[rng.randrange(len(items))] for _ in items]
 
 
-def pair_stats(r_c: torch.Tensor, r_r: torch.Tensor) -> dict:
-    delta = (r_c - r_r).detach()
-    both = torch.cat([r_c, r_r]).detach()
-    return {"accuracy": (delta > 0).float().mean().item(), "margin": delta.mean().item(),
-            "reward_mean": both.mean().item(), "reward_std": both.std().item() if both.numel() > 1 else 0.0}
+def pair_stats(r_c: torch.Tensor, r_r: torch.Tensor, all_sum=None) -> dict:
+    """Accuracy, mean margin, mean and (unbiased) std of the rewards of the pairs (r_c, r_r); with
+    `all_sum` (World.all_sum) over every rank's pairs: the statistics are built from sums and counts."""
+    delta = (r_c - r_r).detach().double()
+    both = torch.cat([r_c, r_r]).detach().double()
+    sums = torch.stack([torch.tensor(float(len(delta)), dtype=torch.float64), (delta > 0).double().sum(), delta.sum(),
+                        both.sum(), (both**2).sum()])
+    n, correct, margin, total, squares = (all_sum(sums) if all_sum else sums).tolist()
+    var = (squares - total**2 / (2 * n)) / (2 * n - 1) if n > 0.5 else 0.0
+    return {"accuracy": correct / n, "margin": margin / n, "reward_mean": total / (2 * n), "reward_std": max(var, 0.0) ** 0.5}
 
 
 def score_groups(model, groups: list[dict], batch_size: int, pad_id: int, device, dtype):
@@ -124,29 +129,39 @@ def train_one(cfg: RMConfig, on_step=None, split_seed: int | None = None, bootst
     # a micro-batch is padded to its longest response
     lengths = [max(map(len, g["responses"])) for g in train_groups] if t.group_by_length else None
 
+    w = world()
+
+    def rm_loss(b, n_pairs):
+        with autocast(device, dtype):
+            rewards = sequence_scores(model, b["input_ids"].to(device), b["lengths"])
+        r_c, r_r = pairwise_from_groups(rewards, b["chosen_idx"].to(device), b["rejected_idx"].to(device))
+        p = b["p_chosen"].to(device) if L.soft_labels else None
+        m = b["margin"].to(device) if L.use_margin else None
+        loss = bradley_terry_loss(r_c, r_r, p, m, L.label_smoothing).sum() / n_pairs
+        if L.center_coef:
+            loss = loss + reward_centering_loss(r_c, r_r, L.center_coef) * len(r_c) / n_pairs
+        return loss, r_c, r_r
+
     def step_fn(step: int):
-        batches = [D.collate_groups(micro_batch(train_groups, k, t.batch_size, t.seed, lengths), pad_id)
-                   for k in range(step * t.grad_accum, (step + 1) * t.grad_accum)]
-        n_pairs = sum(len(b["chosen_idx"]) for b in batches)  # the step's loss is a mean over all its pairs
-        loss_sum, rc, rr = 0.0, [], []
-        for b in batches:
-            with autocast(device, dtype):
-                rewards = sequence_scores(model, b["input_ids"].to(device), b["lengths"])
-            r_c, r_r = pairwise_from_groups(rewards, b["chosen_idx"].to(device), b["rejected_idx"].to(device))
-            p = b["p_chosen"].to(device) if L.soft_labels else None
-            m = b["margin"].to(device) if L.use_margin else None
-            loss = bradley_terry_loss(r_c, r_r, p, m, L.label_smoothing).sum() / n_pairs
-            if L.center_coef:
-                loss = loss + reward_centering_loss(r_c, r_r, L.center_coef) * len(r_c) / n_pairs
-            if not math.isfinite(loss.item()):
-                return float("nan"), {}, 0
-            loss.backward()
-            loss_sum += loss.item()
-            rc.append(r_c)
-            rr.append(r_r)
-        stats = pair_stats(torch.cat(rc), torch.cat(rr))
-        n_tokens = sum(int(b["lengths"].sum()) for b in batches)
-        return loss_sum, {f"train/{k}": v for k, v in stats.items()} | {"train/pairs": n_pairs}, n_tokens
+        global_batches = [micro_batch(train_groups, k, t.batch_size, t.seed, lengths)
+                          for k in range(step * t.grad_accum, (step + 1) * t.grad_accum)]
+        # the step's loss is a mean over all its pairs, on every rank (each knows the global micro-batches)
+        n_pairs = sum(len(g["pairs"]) for mb in global_batches for g in mb)
+        loss_sum, rc, rr, n_tokens = 0.0, [], [], 0
+        for i, mb in enumerate(global_batches):
+            rows, scale = w.rows(mb)
+            b = D.collate_groups(rows, pad_id)
+            with w.no_sync(i == len(global_batches) - 1):
+                loss, r_c, r_r = w.call(rm_loss, b, n_pairs)
+                w.backward(loss * scale)  # (a non-finite loss still backpropagates on every rank; the step is skipped)
+            loss_sum += loss.item() * scale
+            if scale:
+                rc.append(r_c)
+                rr.append(r_r)
+                n_tokens += int(b["lengths"].sum())
+        empty = torch.zeros(0, device=device)
+        stats = pair_stats(torch.cat(rc) if rc else empty, torch.cat(rr) if rr else empty, w.all_sum)
+        return w.all_sum(loss_sum), {f"train/{k}": v for k, v in stats.items()} | {"train/pairs": n_pairs}, w.all_sum(n_tokens)
 
     with Run(t.out, cfg, resume=t.resume, report_to=t.report_to) as run:
         start = 0
@@ -161,7 +176,7 @@ def train_one(cfg: RMConfig, on_step=None, split_seed: int | None = None, bootst
             return {"status": status, "step": step}
         mean, std = reward_statistics(model, all_train, cfg, pad_id, device, dtype)
         model.config.tether_reward_mean, model.config.tether_reward_std = mean, std
-        model_dir = save_pretrained(model, tok, run.out, merge=cfg.model.merge, model_dir=model_dir)
+        model_dir = save_model(model, tok, run, merge=cfg.model.merge, model_dir=model_dir)
         last = next((m for m in reversed(run.read_metrics()) if "train/loss" in m), {})
         return run.finish({
             "stage": "rm", "status": "done", "steps": step, "train/loss": last.get("train/loss", float("nan")),

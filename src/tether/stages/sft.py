@@ -9,7 +9,6 @@ again and write OUT/model and OUT/summary.json.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 
 import torch
@@ -18,9 +17,10 @@ from tether import data as D
 from tether.config import SFTConfig
 from tether.errors import TetherError
 from tether.losses.lm import sft_loss
-from tether.models import autocast, default_device, load_policy, resolve_dtype, save_pretrained
+from tether.models import autocast, default_device, load_policy, resolve_dtype
 from tether.rollout import scored_logprobs
-from tether.runloop import Run, fit, micro_batch, seed_everything, training_setup
+from tether.distributed import world
+from tether.runloop import Run, fit, save_model, micro_batch, seed_everything, training_setup
 
 log = logging.getLogger("tether")
 
@@ -44,23 +44,26 @@ def forward_logps(model, batch: dict, device, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device, dtype, max_batches: int = 0) -> float:
-    """Token-weighted mean NLL over the assistant tokens of `examples` (length-sorted batches)."""
+    """Token-weighted mean NLL over the assistant tokens of `examples` (length-sorted batches); under a
+    launcher each rank scores its share and the sums are all-reduced."""
     if not examples:
         return float("nan")
     was_training = model.training
     model.eval()
+    w = world()
     ordered = sorted(examples, key=lambda e: len(e["input_ids"]))
+    if max_batches:
+        ordered = ordered[: max_batches * batch_size]
+    ordered = w.shard(ordered)
     total, count = 0.0, 0
-    for b, i in enumerate(range(0, len(ordered), batch_size)):
-        if max_batches and b >= max_batches:
-            break
+    for i in range(0, len(ordered), batch_size):
         batch = D.collate(ordered[i : i + batch_size], pad_id)
         logps = forward_logps(model, batch, device, dtype)
         m = batch["loss_mask"][:, 1:].to(device)
         total += -(logps * m).sum().item()
         count += int(m.sum())
     model.train(was_training)
-    return total / max(count, 1)
+    return w.all_sum(total) / max(w.all_sum(count), 1)
 
 
 def train(cfg: SFTConfig, on_step=None) -> dict:
@@ -84,20 +87,24 @@ def train(cfg: SFTConfig, on_step=None) -> dict:
 
     lengths = [len(e["input_ids"]) for e in train_set] if t.group_by_length else None
 
+    w = world()
+
     def step_fn(step: int):
-        batches = [D.collate(micro_batch(train_set, k, t.batch_size, t.seed, lengths), pad_id)
-                   for k in range(step * t.grad_accum, (step + 1) * t.grad_accum)]
-        # normalise by the target tokens of the whole step, so accumulation == one large batch
-        n_targets = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
-        loss_sum = 0.0
-        for b in batches:
-            loss = sft_loss(forward_logps(model, b, device, dtype), b["loss_mask"].to(device), n_targets)
-            if not math.isfinite(loss.item()):
-                return float("nan"), {}, 0
-            loss.backward()
+        global_batches = [micro_batch(train_set, k, t.batch_size, t.seed, lengths)
+                          for k in range(step * t.grad_accum, (step + 1) * t.grad_accum)]
+        # normalise by the target tokens of the whole step over every rank, so accumulation and data
+        # parallelism == one large batch (each rank knows the global micro-batches: no all-reduce needed)
+        n_targets = sum(sum(e["loss_mask"][1:]) for mb in global_batches for e in mb)
+        loss_sum, n_tokens = 0.0, 0
+        for i, mb in enumerate(global_batches):
+            rows, scale = w.rows(mb)
+            b = D.collate(rows, pad_id)
+            with w.no_sync(i == len(global_batches) - 1):
+                loss = w.call(lambda: sft_loss(forward_logps(model, b, device, dtype), b["loss_mask"].to(device), n_targets)) * scale
+                w.backward(loss)  # (a non-finite loss still backpropagates: every rank must; the step is skipped)
             loss_sum += loss.item()
-        n_tokens = sum(int(b["input_ids"].numel()) for b in batches)
-        return loss_sum, {"train/epoch": (step + 1) / steps_per_epoch, "train/target_tokens": n_targets}, n_tokens
+            n_tokens += int(b["input_ids"].numel() * scale)
+        return w.all_sum(loss_sum), {"train/epoch": (step + 1) / steps_per_epoch, "train/target_tokens": n_targets}, w.all_sum(n_tokens)
 
     eval_args = (t.batch_size, pad_id, device, dtype, t.eval_batches)
     with Run(t.out, cfg, resume=t.resume, report_to=t.report_to) as run:
@@ -111,7 +118,7 @@ def train(cfg: SFTConfig, on_step=None) -> dict:
         if status == "interrupted":
             return {"status": status, "step": step}
         final_eval = final.get("eval/loss", float("nan"))
-        model_dir = save_pretrained(model, tok, run.out, merge=cfg.model.merge)
+        model_dir = save_model(model, tok, run, merge=cfg.model.merge)
         last_loss = next((m["train/loss"] for m in reversed(run.read_metrics()) if "train/loss" in m), float("nan"))
         initial = next((m["eval/loss"] for m in run.read_metrics() if m["step"] == 0 and "eval/loss" in m), float("nan"))
         return run.finish({
