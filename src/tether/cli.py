@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from tether.errors import TetherError, TrainingDiverged
@@ -281,10 +282,33 @@ def _run_stage(args) -> int:
     return 130 if s["status"] == "interrupted" else 0
 
 
+TRAINERS = ("sft", "rm", "ppo", "dpo", "kto", "orpo")  # the commands that run under accelerate launch / torchrun
+
+
+def _setup_world(command: str) -> str:
+    """Under a multi-process launcher: refuse the commands that run in one process, and quiet every rank
+    but 0 (its logs, progress bars and final line would repeat rank 0's). Returns the error-line prefix."""
+    from tether import distributed
+
+    if not distributed.launched():
+        return ""
+    if command not in TRAINERS:
+        raise TetherError(f"tether {command} runs in one process: launch only the trainers ({', '.join(TRAINERS)}) "
+                          "with accelerate launch / torchrun, and the other stages with plain `tether`")
+    w = distributed.world()
+    if not w.is_main:
+        os.environ["TQDM_DISABLE"] = "1"
+        logging.getLogger().setLevel(logging.ERROR)
+        sys.stdout = open(os.devnull, "w")  # the final report lines: rank 0 prints them
+    return f"(rank {w.rank}) " if w.size > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    rank = ""
     try:
+        rank = _setup_world(args.command)
         if args.command == "env":
             from tether.envinfo import env_report
 
@@ -325,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _run_stage(args)
     except TetherError as e:
-        print(f"tether: error: {e}", file=sys.stderr)
+        print(f"tether: error: {rank}{e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
-        print(f"tether: training diverged: {e}", file=sys.stderr)
+        print(f"tether: training diverged: {rank}{e}", file=sys.stderr)
         return 3
 
 

@@ -211,9 +211,8 @@ def _accelerator():
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # broadcast_buffers off: buffers (rotary tables) are the same on every rank already
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    # (find_unused_parameters is set per trainer in World.prepare)
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[DistributedDataParallelKwargs()])
 
 
 @lru_cache(maxsize=1)

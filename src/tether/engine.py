@@ -23,7 +23,6 @@ trainer's forward).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -451,7 +451,7 @@ def fit(run: Run, t, model, optimizer, scheduler, step_fn, total_steps: int, sta
         run.log(0, eval_fn())
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, disable=not run.writes,
                mininterval=1.0 if sys.stderr.isatty() else 15.0)
     step, status = start_step, "done"
     try:

@@ -21,17 +21,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, tot
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, all_sum=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased variance) of x over the masked entries; with `all_sum` over every rank's entries."""
+    S = all_sum or (lambda t: t)
+    mask = mask.to(x.dtype)
+    n = S(mask.sum())
+    mean = S((x * mask).sum()) / n.clamp(min=1)
+    return mean, S((((x - mean) ** 2) * mask).sum()) / (n - 1).clamp(min=1)
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, all_sum=None) -> torch.Tensor:
     """(x - mean) / std over the masked entries only (unbiased variance), as in Ziegler et al. (2019)
     and Huang et al. (2024, "The N+ implementation details of RLHF with PPO"). With
     shift_mean=False the mean is added back: rewards keep their sign, only their scale changes.
     Padding is returned as 0. `all_sum` (tether.distributed.World.all_sum) makes mean and variance
     those of the global batch, every rank's share of it (two passes: sum and count, then squares)."""
-    S = all_sum or (lambda t: t)
-    mask = mask.to(x.dtype)
-    n = S(mask.sum())
-    mean = S((x * mask).sum()) / n.clamp(min=1)
-    var = S((((x - mean) ** 2) * mask).sum()) / (n - 1).clamp(min=1)
+    mean, var = masked_moments(x, mask, all_sum)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -493,6 +493,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             if algo == "ppo":
                 rewards = rl.kl_penalised_rewards(score, torch.zeros_like(kl) if kl_as_loss else kl, beta, lengths)
                 adv, returns = rl.gae(rewards, old_values, mask, P.gamma, P.lam)
+                adv_mean, adv_var = rl.masked_moments(adv, mask, all_sum)  # the whitening statistics (logged)
                 if P.whiten_advantages:
                     adv = rl.masked_whiten(adv, mask, all_sum=all_sum)
             else:
@@ -504,6 +505,9 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 else:  # REINFORCE: the global batch's mean reward as the baseline
                     a = seq_reward - w.all_sum(seq_reward.sum()) / (len(seq_reward) * w.size)
                 adv, returns = a[:, None] * mask, None
+                adv_mean, adv_var = rl.masked_moments(a, torch.ones_like(a), all_sum)  # per sequence
+            adv_stats = {"advantages/mean_raw": adv_mean.item(), "advantages/std_raw": adv_var.clamp(min=0).sqrt().item(),
+                         "advantages/abs_mean": w.all_sum(rl.masked_mean(adv.abs(), mask, total=w.all_sum(mask.sum()))).item()}
             # ---- 6. optimise --------------------------------------------------------------------
             t0 = time.time()
             stats = optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values,
@@ -532,7 +536,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 "objective/rlhf_reward": score.mean().item() + non_score,
                 **({"objective/gold": sum(gold) / len(gold)} if gold is not None else {}), "kl/beta": beta,
                 "response/length_mean": lengths.float().mean().item(), "response/eos_rate": finished.float().mean().item(),
-                **stats, **timings, "throughput/tokens_per_s": n_tokens / max(1e-9, sum(timings.values())),
+                **stats, **adv_stats, **timings, "throughput/tokens_per_s": n_tokens / max(1e-9, sum(timings.values())),
                 "train/lr": scheduler.get_last_lr()[0], "train/nan_skipped": guard.total,
             }
             if disagreement is not None:  # a reward-model ensemble: the members' mean std on these samples
