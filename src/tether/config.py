@@ -220,6 +220,10 @@ class RolloutConfig:
     temperature: float = 1.0  # the policy's log-probs use the same temperature, so PPO stays on-policy
     max_new_tokens: int = 64  # response budget; a response without EOS by then is truncated
     batch_size: int = 16  # sequences per generate() call
+    engine: str = _choice("hf", ("hf", "vllm"))  # the rollout engine: tether's own (CPU or GPU), or vLLM (tether[vllm], CUDA)
+    tis_cap: float = 2.0  # vllm: truncated importance sampling, w = min(pi_trainer / pi_vllm, cap) per token; 0 = off
+    vllm_gpu_memory: float = 0.3  # vllm: the share of the GPU its weights and KV cache may take (the trainer needs the rest)
+    vllm_sleep: bool = True  # vllm: free its KV cache and offload its weights while the trainer runs
 
 
 @dataclass

@@ -49,6 +49,9 @@ class Trained(torch.nn.Module):
     def __init__(self, modules: dict[str, torch.nn.Module]):
         super().__init__()
         self.parts = torch.nn.ModuleDict(modules)
+        # FSDP's auto-wrap reads the decoder-layer classes from here (each Hugging Face model names its own)
+        self._no_split_modules = sorted({c for m in modules.values() for sub in m.modules()
+                                         for c in (getattr(sub, "_no_split_modules", None) or [])})
 
     def forward(self, fn, *args, **kwargs):
         return fn(*args, **kwargs)
@@ -69,6 +72,13 @@ class World:
             self.local_rank = self.accelerator.local_process_index
         self.is_main = self.rank == 0
         self.kind = str(self.accelerator.distributed_type).split(".")[-1] if self.accelerator else "NO"
+        if _env_true("ACCELERATE_USE_FSDP"):
+            # FSDP2 through torch's own fully_shard (the API accelerate wraps): the same code on CUDA (NCCL)
+            # and on CPUs (gloo), where accelerate itself would fall back to DDP
+            if os.environ.get("FSDP_VERSION", "2") != "2":
+                raise TetherError("tether supports FSDP2 only (fsdp_version: 2 in the accelerate config; "
+                                  "src/tether/launch/fsdp2.yaml)")
+            self.kind = "FSDP"
 
     # ---- the global batch ---------------------------------------------------------------------
     def check_divisible(self, n: int, what: str) -> None:
@@ -152,9 +162,35 @@ class World:
         if self.accelerator is None:
             self.wrapped = self.trained
             return optimizer
+        if self.kind == "FSDP":
+            return self._fully_shard(optimizer)
         self.accelerator.ddp_handler.find_unused_parameters = unused
         self.wrapped, optimizer = self.accelerator.prepare(self.trained, optimizer)
         return optimizer
+
+    def _fully_shard(self, optimizer):
+        """FSDP2: each decoder layer (the classes the models name in _no_split_modules) a shard group, the
+        rest (embeddings, final norm, heads) the root's; the optimizer is rebuilt on the sharded
+        parameters (fully_shard replaces them), group by group."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        if any(hasattr(m, "peft_config") for m in self.trained.parts.values()):
+            raise TetherError("LoRA under FSDP is not supported: LoRA's frozen base fits one device, so launch it "
+                              "with the DDP config (src/tether/launch/ddp.yaml)")
+        names = {id(p): n for n, p in self.trained.named_parameters()}
+        kw = {"reshard_after_forward": os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")}
+        if _env_true("FSDP_OFFLOAD_PARAMS"):
+            kw["offload_policy"] = CPUOffloadPolicy()
+        layers = set(self.trained._no_split_modules)
+        for m in list(self.trained.modules()):
+            if type(m).__name__ in layers:
+                fully_shard(m, **kw)
+        fully_shard(self.trained, **kw)
+        self.wrapped = self.trained
+        now = dict(self.trained.named_parameters())
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [now[names[id(p)]] for p in g["params"]]}
+                  for g in optimizer.param_groups]
+        return type(optimizer)(groups)  # (every group carries its own hyper-parameters)
 
     def call(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) as the forward of the wrapped trained modules (see the module docstring)."""
@@ -179,23 +215,65 @@ class World:
     def clip_gradients(self, params: list, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm (all shards under FSDP); 0 = measure only. Returns the norm before clipping."""
         limit = max_norm if max_norm > 0 else float("inf")
-        if self.accelerator is None or self.kind == "MULTI_CPU" or self.kind == "MULTI_GPU":
-            return torch.nn.utils.clip_grad_norm_(params, limit)  # DDP: every rank holds the averaged gradient
-        norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), limit)
+        if self.kind != "DEEPSPEED":  # DDP: every rank holds the averaged gradient; FSDP: the norm of the sharded DTensors
+            norm = torch.nn.utils.clip_grad_norm_(params, limit)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), limit)  # DeepSpeed clips by its config
         return norm if norm is not None else torch.tensor(float("nan"))
 
     def unwrap(self) -> dict[str, torch.nn.Module]:
         return dict(self.trained.parts) if hasattr(self, "trained") else {}
 
-    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-        """The full (unsharded) state dict of `module`, on rank 0 (None elsewhere). Every rank must call it
-        under FSDP/DeepSpeed ZeRO-3, whose parameters are spread over the ranks."""
+    def full_state_dict(self, module: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
+        """The full (unsharded) state dict of `module`, on rank 0 (None elsewhere; on every rank with
+        `everywhere`, for rollout engines). Every rank must call it under FSDP / ZeRO-3, whose parameters
+        are spread over the ranks."""
         if self.kind in ("FSDP", "DEEPSPEED"):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return sd if self.is_main else None
-        return module.state_dict() if self.is_main else None
+            sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+            return sd if self.is_main or everywhere else None
+        return module.state_dict() if self.is_main or everywhere else None
+
+    def sharded(self) -> bool:
+        return self.kind in ("FSDP", "DEEPSPEED")
+
+    def checkpoint_state(self, model, optimizer) -> tuple[dict | None, dict | None]:
+        """(trainable weights, optimizer state) for a checkpoint, full (gathered) under FSDP; on rank 0."""
+        if self.kind != "FSDP":
+            return ({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                    optimizer.state_dict())
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=full)
+        optim = get_optimizer_state_dict(self.trained, optimizer, options=full)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        return ({n: t.contiguous() for n, t in weights.items() if n in trainable}, optim) if self.is_main else (None, None)
+
+    def load_checkpoint_state(self, model, optimizer, weights: dict, optim: dict) -> None:
+        """Restore what `checkpoint_state` saved (every rank reads the same files; FSDP shards them again)."""
+        if self.kind != "FSDP":
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, t in weights.items():
+                    params[n].copy_(t)
+            optimizer.load_state_dict(optim)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, weights, options=full)
+        set_optimizer_state_dict(self.trained, optimizer, optim_state_dict=optim, options=full)
+
+    def lockstep(self, items: list, batch_size: int) -> list[tuple[list, float]]:
+        """This rank's share of `items` (every W-th) in batches, as (rows, weight) pairs, the same number on
+        every rank: a rank with fewer rows gets stand-in batches of weight 0. Sharded forwards (FSDP) gather
+        parameters collectively, so every rank must run as many of them."""
+        mine = self.shard(items)
+        n = -(-(-(-len(items) // self.size)) // batch_size)  # batches of the largest share
+        out = [(mine[i * batch_size : (i + 1) * batch_size], 1.0) for i in range(n)]
+        return [(rows, 1.0) if rows else (items[:1], 0.0) for rows, _ in out]
 
 
 def _accelerator():

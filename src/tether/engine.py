@@ -113,9 +113,10 @@ class Engine:
 
     # ---- weights -------------------------------------------------------------------------------
     @torch.no_grad()
-    def load_weights(self, model) -> None:
-        """Copy the model's current (LoRA-merged) weights into the engine, cast to the engine's dtype."""
-        sd = {k: v.to(self.device, self.dtype) for k, v in merged_state_dict(model).items()}
+    def load_weights(self, model, state: dict | None = None) -> None:
+        """Copy the model's current (LoRA-merged) weights into the engine, cast to the engine's dtype;
+        `state`: those weights already gathered (a sharded model's full state dict)."""
+        sd = {k: v.to(self.device, self.dtype) for k, v in (state if state is not None else merged_state_dict(model)).items()}
         if self.impl == "hf":
             if self._hf is None:
                 from transformers import AutoModelForCausalLM

@@ -154,6 +154,14 @@ def _resolve(name: str) -> str:
     return name  # a hub id; from_pretrained says clearly when it is not cached offline
 
 
+def model_folder(name: str) -> str:
+    """The Hugging Face folder (or hub id) a model name stands for, for engines that load it themselves
+    (vLLM): the embedded SmolLM2's safetensors cache, a folder, or a hub id. The tiny test model has none."""
+    if name == TINY:
+        raise TetherError("builtin:tiny is built in code and has no folder; save it first or use another model")
+    return str(smollm2_folder()) if name == SMOLLM2 else _resolve(name)
+
+
 def load_causal_lm(name: str, trust_remote_code: bool = False):
     """A causal LM in fp32 (training precision; bf16 comes from autocast)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -516,7 +524,10 @@ def save_pretrained(model, tokenizer, out: Path, merge: bool = True, model_dir: 
         if is_peft:
             raise TetherError("LoRA under FSDP / ZeRO-3 is not supported: LoRA's frozen base fits one device, so "
                               "launch it with the DDP config (configs/accelerate/ddp.yaml)")
-        model.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
+        # a tied weight (the LM head = the embeddings) is one tensor under two names: keep the first, as
+        # save_pretrained does for a module's own weights
+        tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()})
+        model.save_pretrained(model_dir, safe_serialization=True, state_dict={k: v for k, v in state_dict.items() if k not in tied})
         tokenizer.save_pretrained(model_dir)
         return model_dir
     if is_peft:

@@ -171,6 +171,7 @@ class Run:
         """Everything needed to continue bit-exactly: trainable weights, optimizer, scheduler, RNG (every
         rank's). Every rank calls it; rank 0 writes."""
         rng = self.world.gather_objects(rng_state())
+        weights, optim = self.world.checkpoint_state(model, optimizer)  # gathered from the shards under FSDP
         final = self.ckpt_dir / f"step-{step:08d}"
         if not self.writes:
             self.world.barrier()
@@ -179,11 +180,10 @@ class Run:
         tmp = self.ckpt_dir / f".tmp-step-{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optim,
                 "scheduler": scheduler.state_dict(),
                 "rng": rng[0],
                 **({"rng_per_rank": rng} if len(rng) > 1 else {}),
@@ -213,11 +213,8 @@ class Run:
         missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
         if missing or any(n not in params for n in weights):
             raise TetherError(f"{path}: checkpoint does not match the model (different model or LoRA settings?)")
-        with torch.no_grad():
-            for n, t in weights.items():
-                params[n].copy_(t)
         state = torch.load(path / "state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        self.world.load_checkpoint_state(model, optimizer, weights, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         per_rank = state.get("rng_per_rank", [state["rng"]])
         # each rank continues its own random stream; on another world size, rank 0's (tether's data order

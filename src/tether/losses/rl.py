@@ -143,13 +143,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                     clip: float = 0.2, dual_clip: float | None = None, norm: str = "token", budget: int | None = None,
-                    total=None):
+                    total=None, weights: torch.Tensor | None = None):
     """Clipped surrogate objective (Schulman et al. 2017), with optional dual clip (Ye et al. 2020):
 
         ratio = exp(logp - old_logp)
         L     = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
         dual  : for A < 0, L = min(L, -A * c)   (c > 1 caps the loss of a runaway ratio)
 
+    `weights` (B, T), no gradient: per-token importance weights applied to L (truncated importance
+    sampling for a rollout engine other than the trainer, `truncated_importance_weights`).
     The per-token losses are reduced by `aggregate(norm, budget, total)`. Returns (loss, stats) with stats
     (means over this minibatch's real tokens):
     clipfrac, approxkl and ratio mean. approxkl estimates KL(pi_old || pi) from the rollout's tokens,
@@ -163,6 +165,8 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
     loss = torch.max(pg1, pg2)
     if dual_clip is not None:
         loss = torch.where(adv < 0, torch.min(loss, -adv * dual_clip), loss)
+    if weights is not None:
+        loss = loss * weights
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg2 > pg1).float(), mask).item(),

@@ -381,7 +381,7 @@ def evaluate(cfg: DirectConfig, model, ref, examples: list[dict], pad_id: int, d
     for b, i in enumerate(range(0, len(ordered), bs)):
         if t.eval_batches and b >= t.eval_batches:
             break
-        loss, out = forward_losses(cfg, model, ref, ordered[i : i + bs], pad_id, device, dtype)
+        loss, out = world().call(forward_losses, cfg, model, ref, ordered[i : i + bs], pad_id, device, dtype)
         losses.append(loss.float())
         outs.append(out)
     model.train(was)

@@ -293,6 +293,26 @@ def group_size(cfg: PPOConfig) -> int:
     return G
 
 
+def make_engine(cfg: PPOConfig, policy, tok, dtype):
+    """The rollout engine: tether's own (tether.engine) or, with rollout.engine=vllm, a colocated vLLM (tether.vllm_engine)."""
+    if cfg.rollout.engine == "hf":
+        return Engine(policy, tok, dtype)
+    from tether.models import model_folder
+    from tether.vllm_engine import VLLMEngine
+
+    R = cfg.rollout
+    return VLLMEngine(policy, tok, model_folder(cfg.model.name), dtype, R.vllm_gpu_memory, R.vllm_sleep,
+                      seed=cfg.train.seed)
+
+
+def load_engine(engine, policy, w) -> None:
+    """The policy's current weights into the rollout engine; under FSDP gathered from every rank's shards first."""
+    if w.sharded():
+        engine.load_weights(policy, state=w.full_state_dict(policy, everywhere=True))
+    else:
+        engine.load_weights(policy)
+
+
 def check_world(cfg: PPOConfig, n_groups: int, G: int, W: int) -> None:
     """Under W > 1 processes the global batch (prompts_per_step groups of G samples) must split into equal
     shares of whole groups, and each minibatch must take the same number of whole-group rows from every
@@ -385,6 +405,10 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     n_groups = min(R.prompts_per_step, len(prompts_all))  # prompts sampled per iteration, G samples each
     w = world()
     check_world(cfg, n_groups, G, w.size)  # a batch that does not split over the ranks fails before anything loads
+    if R.engine == "vllm":
+        from tether.vllm_engine import check_available
+
+        check_available()  # no vLLM, or no CUDA: a clear error before anything loads
     held_out = subset(task.prompts("eval"), cfg.eval_prompts, "eval-prompts") if cfg.eval_prompts else []
     seed_everything(t.seed)
     device = default_device()
@@ -406,7 +430,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     critic = make_critic(cfg, policy, tok, scorer.rm_tok)
     if critic is not None:
         critic.to(device)
-    engine = Engine(policy, tok, dtype)  # the rollout engine: its own no-grad copy of the weights
+    engine = make_engine(cfg, policy, tok, dtype)  # the rollout engine: its own no-grad copy of the weights
     ptx = None
     if P.ptx_coef > 0:
         ptx = D.prepare_sft(tok, D.read_rows(P.ptx_data), 256, "truncate")
@@ -418,6 +442,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     # under a launcher: policy and critic wrapped for the engine (DDP, FSDP, DeepSpeed); a step may leave the
     # policy out (critic warm-up), so DDP looks for unused parameters
     optimizer = w.prepare(dict(modules.items()), optimizer, unused=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # (FSDP replaces them with their shards)
     scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, t.max_steps)
     guard = NanGuard(P.max_nan_skips)
     beta = P.kl_coef
@@ -449,7 +474,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             chosen = order[: R.prompts_per_step].tolist()
             # this rank's prompt groups: g = rank (mod W), each with its G samples (a group never straddles ranks)
             prompts = [prompts_all[chosen[g]] for g in rows.groups for _ in range(G)]
-            engine.load_weights(policy)  # the rollout engine samples with the policy as it is now (bf16 copy)
+            load_engine(engine, policy, w)  # the rollout engine samples with the policy as it is now (bf16 copy)
             # seeded per global row: a response does not depend on which rank or batch samples it
             seeds = [(t.seed * 1_000_003 + it * 10_007 + r) % 2**31 for r in rows.global_rows]
             batch = sample_batch(policy, tok, prompts, R, device, engine, seeds)  # log-probs are recomputed below: ratio exactly 1
@@ -464,16 +489,16 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             on_policy = (critic is None and kl_as_loss and P.epochs == 1 and ptx is None
                          and math.ceil(n_groups * G / P.minibatch_size) <= P.grad_accum)
             old_logp = old_values = None
-            with torch.no_grad(), autocast(device, dtype):
+            with torch.no_grad(), autocast(device, dtype):  # (the trained modules through w.call: FSDP gathers their shards)
                 if not on_policy:
-                    old_logp, _, old_values = policy_forward(policy, batch, R.temperature, value_head=head)
+                    old_logp, _, old_values = w.call(policy_forward, policy, batch, R.temperature, value_head=head)
                 if ref is None:
                     with policy.disable_adapter():
                         ref_logp, _, _ = policy_forward(policy, batch, R.temperature)
                 else:
                     ref_logp, _, _ = policy_forward(ref, batch, R.temperature)
                 if critic is not None and head is None:
-                    old_values = critic_forward(critic, batch)
+                    old_values = w.call(critic_forward, critic, batch)
             old_values = old_values.float() * mask if old_values is not None else None
             ref_logp = ref_logp * mask
             old_logp = old_logp * mask if old_logp is not None else torch.zeros_like(ref_logp)  # on_policy: filled by optimise
@@ -517,6 +542,10 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             timings["time/train"] = time.time() - t0
             if on_policy:
                 seq_kl = (rl.kl_estimate(old_logp, ref_logp, kl_est) * mask).sum(1)
+            # the rollout engine's log-probs of its own samples against the trainer's (bf16 copy, or vLLM's kernels)
+            n_tok = w.all_sum(mask.sum())
+            engine_gap = {"rollout/engine_logp_gap": (w.all_sum(((old_logp - batch["engine_logp"]).abs() * mask).sum()) / n_tok).item(),
+                          "rollout/engine_kl": (w.all_sum(((batch["engine_logp"] - old_logp) * mask).sum()) / n_tok).item()}
             # ---- 7. KL control, metrics, samples, checkpoints -----------------------------------
             # every statistic below is over the global batch: this rank's rows gathered with the others'
             # (one process: the rows themselves), in the global batch's order
@@ -536,7 +565,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 "objective/rlhf_reward": score.mean().item() + non_score,
                 **({"objective/gold": sum(gold) / len(gold)} if gold is not None else {}), "kl/beta": beta,
                 "response/length_mean": lengths.float().mean().item(), "response/eos_rate": finished.float().mean().item(),
-                **stats, **adv_stats, **timings, "throughput/tokens_per_s": n_tokens / max(1e-9, sum(timings.values())),
+                **stats, **adv_stats, **engine_gap, **timings, "throughput/tokens_per_s": n_tokens / max(1e-9, sum(timings.values())),
                 "train/lr": scheduler.get_last_lr()[0], "train/nan_skipped": guard.total,
             }
             if disagreement is not None:  # a reward-model ensemble: the members' mean std on these samples
@@ -645,7 +674,9 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
         if fill_old:
             old_logp[idx, : m.shape[1]] = logp.detach() * m
         T = m.shape[1]
-        pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx, :T], adv[idx, :T], m, P.clip, P.dual_clip or None, norm, budget, total)
+        tis = (rl.truncated_importance_weights(old_logp[idx, :T], batch["engine_logp"][idx, :T], m, cfg.rollout.tis_cap)
+               if cfg.rollout.engine != "hf" and cfg.rollout.tis_cap > 0 else None)  # vLLM's sampling != the trainer's
+        pg_loss, s = rl.ppo_policy_loss(logp, old_logp[idx, :T], adv[idx, :T], m, P.clip, P.dual_clip or None, norm, budget, total, tis)
         n = float(m.sum())
         parts = {"tokens": n, "policy/clipfrac": s["clipfrac"] * n, "policy/approxkl": s["approxkl"] * n,
                  "policy/ratio_mean": s["ratio_mean"] * n, "entropy": rl.masked_mean(ent.detach(), m).item() * n,
@@ -655,6 +686,9 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
             kl_term = rl.aggregate(rl.kl_loss(logp, ref_logp[idx, :T], kl_loss_est), m, norm, budget, total)
             loss = loss + beta * kl_term
             parts["loss/kl"] = kl_term.item()
+        if tis is not None:
+            parts["rollout/tis_weight_mean"] = float((tis * m).sum())
+            parts["rollout/tis_capped"] = float(((tis >= cfg.rollout.tis_cap) * m).sum())
         if critic is not None:
             if head is None:
                 with autocast(device, dtype):
@@ -743,7 +777,7 @@ def heldout_eval(policy, tok, task, prompts, R, device, dtype, scorer, engine) -
     launcher each rank answers every W-th prompt and the sums are all-reduced."""
     w = world()
     mine = w.shard(prompts)
-    engine.load_weights(policy)
+    load_engine(engine, policy, w)
     outs = generate(policy, tok, [p.messages for p in mine], R.max_new_tokens, temperature=0.0, batch_size=R.batch_size, engine=engine) if mine else []
     score, gold = scorer(mine, [o.text for o in outs], [o.finished for o in outs], update=False) if mine else (torch.zeros(0), [] if scorer.has_gold else None)
     n = len(prompts)

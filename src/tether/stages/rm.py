@@ -78,8 +78,8 @@ def score_groups(model, groups: list[dict], batch_size: int, pad_id: int, device
     """Rewards of every response and every pair of `groups` (no grad): yields (batch, rewards)."""
     for i in range(0, len(groups), batch_size):
         b = D.collate_groups(groups[i : i + batch_size], pad_id)
-        with autocast(device, dtype):
-            rewards = sequence_scores(model, b["input_ids"].to(device), b["lengths"])
+        with autocast(device, dtype):  # (through the trained-module wrapper: sharded models gather their weights)
+            rewards = world().call(sequence_scores, model, b["input_ids"].to(device), b["lengths"])
         yield b, rewards.float()
 
 

@@ -54,14 +54,13 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device, 
     ordered = sorted(examples, key=lambda e: len(e["input_ids"]))
     if max_batches:
         ordered = ordered[: max_batches * batch_size]
-    ordered = w.shard(ordered)
-    total, count = 0.0, 0
-    for i in range(0, len(ordered), batch_size):
-        batch = D.collate(ordered[i : i + batch_size], pad_id)
-        logps = forward_logps(model, batch, device, dtype)
+    total, count = 0.0, 0.0
+    for rows, weight in w.lockstep(ordered, batch_size):  # this rank's share; as many forwards on every rank
+        batch = D.collate(rows, pad_id)
+        logps = w.call(forward_logps, model, batch, device, dtype)
         m = batch["loss_mask"][:, 1:].to(device)
-        total += -(logps * m).sum().item()
-        count += int(m.sum())
+        total += -(logps * m).sum().item() * weight
+        count += float(m.sum()) * weight
     model.train(was_training)
     return w.all_sum(total) / max(w.all_sum(count), 1)
 

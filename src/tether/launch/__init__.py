@@ -1,0 +1,1 @@
+"""accelerate config files for `accelerate launch --config_file ...` (README, "Scale out")."""
