@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from conftest import free_port, write_jsonl
 from tether import distributed
-from tether.config import DirectConfig, PPOConfig, SFTConfig, load_config
+from tether.config import DirectConfig, PPOConfig, RMConfig, SFTConfig, load_config
 from tether.errors import TetherError
 from tether.losses import rl
-from tether.stages import direct, ppo, sft
+from tether.stages import direct, ppo, rm, sft
 from test_direct import pair_rows
 
 TESTS = Path(__file__).parent
@@ -61,7 +61,9 @@ def writes_by_other_ranks(tmp_path) -> list[str]:
 
 
 def max_difference(a: Path, b: Path) -> float:
-    x, y = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    """Largest weight difference between two runs' OUT/model (or two model folders)."""
+    file = lambda d: d / "model.safetensors" if (d / "model.safetensors").exists() else d / "model" / "model.safetensors"  # noqa: E731
+    x, y = load_file(str(file(a))), load_file(str(file(b)))
     assert x.keys() == y.keys()
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
@@ -103,6 +105,31 @@ def test_sft_and_dpo_on_two_processes_equal_one_and_only_rank_0_writes(tmp_path,
     # the reference log-probs, computed half on each rank, are the single process's
     ref_one, ref_two = load_file(str(one / direct.CACHE)), load_file(str(two / direct.CACHE))
     assert all(torch.allclose(ref_one[k], ref_two[k], atol=1e-5) for k in ref_one)
+
+
+@pytest.mark.parametrize("command", ["rm", "kto", "orpo"])
+def test_every_other_trainer_on_two_processes_equals_one(tmp_path, command):
+    """The reward model (an ensemble of two: members in turn, the manifest written once), KTO (its z0 over both
+    ranks' mismatched pairs) and ORPO on 2 processes take the single process's steps."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
+    flags = DPO_FLAGS | {"data.path": pairs} | ({"ensemble": 2} if command == "rm" else {})
+    one, two = tmp_path / "one", tmp_path / "two"
+    if command == "rm":
+        rm.train(load_config(RMConfig, None, flags | {"data.path": str(pairs), "train.out": str(one)}))
+    else:
+        direct.train(direct.with_method(load_config(DirectConfig, None, flags | {"data.path": str(pairs), "train.out": str(one)}), command))
+    launch(tmp_path, command, flags | {"train.out": two}, env=audited(tmp_path, two))
+    if command == "rm":
+        for m in ("member-0", "member-1"):
+            assert max_difference(one / "model" / m, two / "model" / m) < 1e-5
+        e1, e2 = (json.loads((d / "model" / "ensemble.json").read_text()) for d in (one, two))
+        assert e1.keys() == e2.keys() and e1["members"] == e2["members"]
+        assert e2["reward_mean"] == pytest.approx(e1["reward_mean"], abs=1e-5) and e2["reward_std"] == pytest.approx(e1["reward_std"], abs=1e-5)
+        assert_same_metrics(one / "members" / "m1", two / "members" / "m1")
+    else:
+        assert max_difference(one, two) < 1e-5
+        assert_same_metrics(one, two)
+    assert writes_by_other_ranks(tmp_path) == []
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])

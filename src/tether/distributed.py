@@ -164,6 +164,7 @@ class World:
             return optimizer
         if self.kind == "FSDP":
             return self._fully_shard(optimizer)
+        self.accelerator.free_memory()  # drop the previous trainer's wrappers (an ensemble trains its members in turn)
         self.accelerator.ddp_handler.find_unused_parameters = unused
         self.wrapped, optimizer = self.accelerator.prepare(self.trained, optimizer)
         return optimizer
@@ -218,8 +219,9 @@ class World:
         if self.kind != "DEEPSPEED":  # DDP: every rank holds the averaged gradient; FSDP: the norm of the sharded DTensors
             norm = torch.nn.utils.clip_grad_norm_(params, limit)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), limit)  # DeepSpeed clips by its config
-        return norm if norm is not None else torch.tensor(float("nan"))
+        # DeepSpeed clips by its own config (gradient_clipping) inside its step; report the norm it measured
+        norm = getattr(self.wrapped, "get_global_grad_norm", lambda: None)()
+        return torch.as_tensor(float(norm) if norm is not None else 0.0)
 
     def unwrap(self) -> dict[str, torch.nn.Module]:
         return dict(self.trained.parts) if hasattr(self, "trained") else {}
@@ -228,7 +230,12 @@ class World:
         """The full (unsharded) state dict of `module`, on rank 0 (None elsewhere; on every rank with
         `everywhere`, for rollout engines). Every rank must call it under FSDP / ZeRO-3, whose parameters
         are spread over the ranks."""
-        if self.kind in ("FSDP", "DEEPSPEED"):
+        if self.kind == "DEEPSPEED":  # accelerate gathers ZeRO-3's partitions (zero3_save_16bit_model in the config)
+            sd = self.accelerator.get_state_dict(self.wrapped)
+            name = next(k for k, m in self.trained.parts.items() if m is module)
+            sd = {k[len(f"parts.{name}."):]: v for k, v in (sd or {}).items() if k.startswith(f"parts.{name}.")}
+            return sd if self.is_main or everywhere else None
+        if self.kind == "FSDP":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))

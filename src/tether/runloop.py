@@ -146,6 +146,9 @@ class Run:
             self._tb.add_text(tag, text, step)
 
     def read_metrics(self) -> list[dict]:
+        """The metrics logged so far; [] on ranks other than 0 (rank 0 may be appending to the file)."""
+        if not self.writes:
+            return []
         path = self.out / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -156,6 +159,8 @@ class Run:
             "peak_memory_mb": round(peak_memory_mb(), 1),
             **({"world_size": self.world.size} if self.world.size > 1 else {}),
         }
+        if self.world.size > 1:  # every rank returns rank 0's summary (the others read no metrics: read_metrics)
+            summary = self.world.gather_objects(summary)[0]
         if not self.writes:
             return summary
         _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
@@ -170,6 +175,12 @@ class Run:
     def save_checkpoint(self, step: int, model, optimizer, scheduler, progress: dict, keep: int = 2) -> Path:
         """Everything needed to continue bit-exactly: trainable weights, optimizer, scheduler, RNG (every
         rank's). Every rank calls it; rank 0 writes."""
+        if self.world.kind == "DEEPSPEED":  # its optimizer state lives in DeepSpeed's own partitions
+            if not getattr(self, "_warned_ds", False):
+                log.warning("no checkpoints under DeepSpeed yet (its partitioned optimizer state is not gathered): "
+                            "the run cannot be resumed; use src/tether/launch/fsdp2.yaml for resumable sharded runs")
+                self._warned_ds = True
+            return self.ckpt_dir / f"step-{step:08d}"
         rng = self.world.gather_objects(rng_state())
         weights, optim = self.world.checkpoint_state(model, optimizer)  # gathered from the shards under FSDP
         final = self.ckpt_dir / f"step-{step:08d}"
@@ -208,6 +219,9 @@ class Run:
         path = self.latest_checkpoint()
         if path is None:
             raise TetherError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+        if self.world.kind == "DEEPSPEED":
+            raise TetherError("--resume under DeepSpeed is not supported yet: its partitioned optimizer state is not "
+                              "checkpointed; the FSDP2 config (src/tether/launch/fsdp2.yaml) shards and resumes")
         weights = load_file(str(path / "trainable.safetensors"))
         params = dict(model.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in weights]

@@ -635,7 +635,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
         model_dir = save_model(policy, tok, run, merge=cfg.model.merge)
         last = run.read_metrics()[-1] if run.read_metrics() else {}
         return run.finish({"stage": "ppo", "algo": algo, "status": "done", "steps": it, **evals, "has_gold": has_gold,
-                           **{k: v for k, v in last.items() if k.startswith(("objective/", "response/"))},
+                           **{k: v for k, v in last.items() if k.startswith(("objective/", "response/", "rollout/"))},
                            "kl/beta": beta, "nan_skipped": guard.total, "model": str(model_dir),
                            "monitor": {"flags": monitor.counts(), "first_flag": {f.flag: f.step for f in reversed(monitor.flags)},
                                        "stopped_early": stopped_early},

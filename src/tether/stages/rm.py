@@ -225,7 +225,7 @@ def train_ensemble(cfg: RMConfig, on_step=None) -> dict:
             if s is not None:
                 log.info("RM ensemble: member %d/%d finished earlier (%s), kept", m + 1, K, s["model"])
             else:
-                if run.stop_requested:
+                if run.should_stop():
                     return {"status": "interrupted", "step": 0, "member": m}
                 log.info("RM ensemble: member %d/%d, seed %d%s", m + 1, K, mcfg.train.seed,
                          ", bootstrap resample of the train prompts" if cfg.ensemble_bootstrap else "")
@@ -236,9 +236,10 @@ def train_ensemble(cfg: RMConfig, on_step=None) -> dict:
             members.append({"member": m, "seed": mcfg.train.seed, **{k: v for k, v in s.items() if k not in ("stage", "status")}})
         names = [f"member-{m}" for m in range(K)]
         final = evaluate_ensemble(cfg, [ensemble_dir / n for n in names])
-        write_ensemble_manifest(ensemble_dir, names, seeds=[x["seed"] for x in members], bootstrap=cfg.ensemble_bootstrap,
-                                base_model=cfg.model.name, reward_mean=[x["reward_mean"] for x in members],
-                                reward_std=[x["reward_std"] for x in members])
+        if run.writes:
+            write_ensemble_manifest(ensemble_dir, names, seeds=[x["seed"] for x in members], bootstrap=cfg.ensemble_bootstrap,
+                                    base_model=cfg.model.name, reward_mean=[x["reward_mean"] for x in members],
+                                    reward_std=[x["reward_std"] for x in members])
         steps = max(x["steps"] for x in members)
         if final:
             run.log(steps, final)
