@@ -179,6 +179,19 @@ def test_two_process_run_interrupted_on_rank_1_resumes_exactly(tmp_path, chat_fi
     assert_same_metrics(straight, out)
 
 
+def test_a_two_process_checkpoint_resumes_on_one_process(tmp_path, chat_file):
+    """Checkpoints do not depend on the world size: a 2-process SFT run stopped at step 2 continues in one
+    process (any W dividing the batch would do) and ends where a straight run ends."""
+    flags = SFT_FLAGS | {"data.path": str(chat_file)}
+    straight, out = tmp_path / "straight", tmp_path / "resumed"
+    sft.train(load_config(SFTConfig, None, flags | {"train.out": str(straight)}))
+    proc = launch(tmp_path, "sft", flags | {"train.out": out}, env={"TETHER_TEST_SIGTERM": "0:2"}, check=False)
+    assert proc.returncode != 0 and (out / "checkpoints" / "step-00000002").is_dir()
+    sft.train(load_config(SFTConfig, None, flags | {"train.out": str(out), "train.resume": True}))
+    assert max_difference(straight, out) < 1e-5
+    assert_same_metrics(straight, out)
+
+
 def test_fsdp2_sft_and_ppo_equal_one_and_save_one_hugging_face_folder(tmp_path, chat_file):
     """FSDP2 (torch's fully_shard, decoder layers as shard groups; gloo here, NCCL on GPUs): the same optimizer
     steps as one process, only rank 0 writes, and OUT/model is one ordinary folder gathered from the shards."""

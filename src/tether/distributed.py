@@ -200,10 +200,13 @@ class World:
         return self.wrapped(fn, *args, **kwargs)
 
     def no_sync(self, sync: bool):
-        """Gradient accumulation: skip the gradient all-reduce for all but the last micro-batch of a step."""
-        if sync or self.accelerator is None or not hasattr(self.wrapped, "no_sync"):
+        """Gradient accumulation: skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) for all but
+        the last micro-batch of a step; the gradients accumulate locally until then."""
+        if sync or self.accelerator is None:
             return contextlib.nullcontext()
-        return self.wrapped.no_sync()
+        if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP2
+            return _fsdp_no_sync(self.wrapped)
+        return self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate this rank's share of the global loss; the engines average gradients over ranks,
@@ -281,6 +284,15 @@ class World:
         n = -(-(-(-len(items) // self.size)) // batch_size)  # batches of the largest share
         out = [(mine[i * batch_size : (i + 1) * batch_size], 1.0) for i in range(n)]
         return [(rows, 1.0) if rows else (items[:1], 0.0) for rows, _ in out]
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def _accelerator():
