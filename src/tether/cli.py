@@ -306,6 +306,16 @@ def _setup_world(command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    code = _main(args)
+    from tether import distributed
+
+    if distributed.launched() and distributed.world.cache_info().currsize:  # a launch: the process group torn down,
+        sys.stdout.flush()                                                  # together after a finished or stopped run
+        distributed.world().close(wait=code in (0, 130))
+    return code
+
+
+def _main(args) -> int:
     rank = ""
     try:
         rank = _setup_world(args.command)
@@ -354,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"tether: training diverged: {rank}{e}", file=sys.stderr)
         return 3
+
 
 
 if __name__ == "__main__":

@@ -137,6 +137,21 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
+    def close(self, wait: bool = True) -> None:
+        """End of the command: wait for every rank (`wait`: a run that finished or stopped; not after an
+        error, when the others may be elsewhere), then tear the process group down. A process that exits
+        with the group alive can abort (SIGABRT) while gloo's worker threads are destroyed at interpreter exit."""
+        if self.accelerator is None:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            try:
+                if wait:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
+
     def barrier(self) -> None:
         if self.size > 1:
             import torch.distributed as dist
