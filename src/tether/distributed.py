@@ -188,25 +188,25 @@ class World:
         """FSDP2: each decoder layer (the classes the models name in _no_split_modules) a shard group, the
         rest (embeddings, final norm, heads) the root's; the optimizer is rebuilt on the sharded
         parameters (fully_shard replaces them), group by group."""
-        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-
         if any(hasattr(m, "peft_config") for m in self.trained.parts.values()):
             raise TetherError("LoRA under FSDP is not supported: LoRA's frozen base fits one device, so launch it "
                               "with the DDP config (src/tether/launch/ddp.yaml)")
         names = {id(p): n for n, p in self.trained.named_parameters()}
-        kw = {"reshard_after_forward": os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")}
-        if _env_true("FSDP_OFFLOAD_PARAMS"):
-            kw["offload_policy"] = CPUOffloadPolicy()
-        layers = set(self.trained._no_split_modules)
-        for m in list(self.trained.modules()):
-            if type(m).__name__ in layers:
-                fully_shard(m, **kw)
-        fully_shard(self.trained, **kw)
+        _shard(self.trained)
         self.wrapped = self.trained
         now = dict(self.trained.named_parameters())
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [now[names[id(p)]] for p in g["params"]]}
                   for g in optimizer.param_groups]
         return type(optimizer)(groups)  # (every group carries its own hyper-parameters)
+
+    def frozen(self, modules: dict[str, torch.nn.Module]):
+        """A caller for frozen models (PPO's reference): under FSDP they are sharded like the trained ones and
+        `caller(fn, *args)` runs fn as their container's forward (every rank, in step); otherwise fn(*args)."""
+        if self.kind != "FSDP":
+            return lambda fn, *args, **kwargs: fn(*args, **kwargs)
+        box = Trained(modules)
+        _shard(box)
+        return box
 
     def call(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) as the forward of the wrapped trained modules (see the module docstring)."""
@@ -299,6 +299,21 @@ class World:
         n = -(-(-(-len(items) // self.size)) // batch_size)  # batches of the largest share
         out = [(mine[i * batch_size : (i + 1) * batch_size], 1.0) for i in range(n)]
         return [(rows, 1.0) if rows else (items[:1], 0.0) for rows, _ in out]
+
+
+def _shard(box: Trained) -> None:
+    """FSDP2 over a container: each decoder layer its own shard group, then the rest as the root's, with the
+    launch's options (accelerate's FSDP_* environment: reshard after forward, CPU offload)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    kw = {"reshard_after_forward": os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")}
+    if _env_true("FSDP_OFFLOAD_PARAMS"):
+        kw["offload_policy"] = CPUOffloadPolicy()
+    layers = set(box._no_split_modules)
+    for m in list(box.modules()):
+        if type(m).__name__ in layers:
+            fully_shard(m, **kw)
+    fully_shard(box, **kw)
 
 
 @contextlib.contextmanager

@@ -443,6 +443,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
     # policy out (critic warm-up), so DDP looks for unused parameters
     optimizer = w.prepare(dict(modules.items()), optimizer, unused=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]  # (FSDP replaces them with their shards)
+    ref_call = w.frozen({"ref": ref}) if ref is not None else None  # under FSDP the reference is sharded too
     scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, t.max_steps)
     guard = NanGuard(P.max_nan_skips)
     beta = P.kl_coef
@@ -496,7 +497,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                     with policy.disable_adapter():
                         ref_logp, _, _ = policy_forward(policy, batch, R.temperature)
                 else:
-                    ref_logp, _, _ = policy_forward(ref, batch, R.temperature)
+                    ref_logp, _, _ = ref_call(policy_forward, ref, batch, R.temperature)
                 if critic is not None and head is None:
                     old_values = w.call(critic_forward, critic, batch)
             old_values = old_values.float() * mask if old_values is not None else None
