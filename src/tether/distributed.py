@@ -241,9 +241,6 @@ class World:
         norm = getattr(self.wrapped, "get_global_grad_norm", lambda: None)()
         return torch.as_tensor(float(norm) if norm is not None else 0.0)
 
-    def unwrap(self) -> dict[str, torch.nn.Module]:
-        return dict(self.trained.parts) if hasattr(self, "trained") else {}
-
     def full_state_dict(self, module: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
         """The full (unsharded) state dict of `module`, on rank 0 (None elsewhere; on every rank with
         `everywhere`, for rollout engines). Every rank must call it under FSDP / ZeRO-3, whose parameters
@@ -334,7 +331,7 @@ def _accelerator():
             stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
             raise TetherError(f"this launch asks for DeepSpeed (ZeRO stage {stage}) but the 'deepspeed' package is not "
                               "installed: pip install deepspeed (it needs CUDA), or launch with the DDP or FSDP config "
-                              "(configs/accelerate/)") from None
+                              "(src/tether/launch/)") from None
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 

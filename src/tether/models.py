@@ -523,7 +523,7 @@ def save_pretrained(model, tokenizer, out: Path, merge: bool = True, model_dir: 
     if state_dict is not None:
         if is_peft:
             raise TetherError("LoRA under FSDP / ZeRO-3 is not supported: LoRA's frozen base fits one device, so "
-                              "launch it with the DDP config (configs/accelerate/ddp.yaml)")
+                              "launch it with the DDP config (src/tether/launch/ddp.yaml)")
         # a tied weight (the LM head = the embeddings) is one tensor under two names: keep the first, as
         # save_pretrained does for a module's own weights
         tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()})

@@ -515,7 +515,7 @@ def save_model(model, tokenizer, run: Run, merge: bool = True, model_dir: Path |
     w = run.world
     parent = run.out if folder is None else folder
     target = parent / "model" if model_dir is None else Path(model_dir)
-    if w.kind in ("FSDP", "DEEPSPEED"):
+    if w.sharded():
         full = w.full_state_dict(model)
         if w.is_main:
             save_pretrained(model, tokenizer, parent, merge=merge, model_dir=model_dir, state_dict=full)

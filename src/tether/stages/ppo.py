@@ -335,16 +335,18 @@ class RowLayout:
     `gather_list` bring every rank's rows back in the global batch's order (one process: the identity)."""
 
     def __init__(self, w, n_groups: int, G: int):
-        self.w, self.G = w, G
+        self.w = w
         self.groups = list(range(w.rank, n_groups, w.size))
-        self.global_rows = [g * G + j for g in self.groups for j in range(G)]
-        per = len(self.global_rows)
-        # position in the rank-ordered concatenation -> global row, inverted: global row -> position
-        where = [(g * G + j) for r in range(w.size) for g in range(r, n_groups, w.size) for j in range(G)]
-        self.order = torch.empty(len(where), dtype=torch.long)
-        self.order[torch.tensor(where)] = torch.arange(len(where))
+
+        def rows_of(rank):
+            return [g * G + j for g in range(rank, n_groups, w.size) for j in range(G)]
+
+        self.global_rows = rows_of(w.rank)
         self.local = {r: i for i, r in enumerate(self.global_rows)}
-        assert per * w.size == len(where)
+        # position in the rank-ordered concatenation -> global row, inverted: global row -> position
+        where = torch.tensor([r for rank in range(w.size) for r in rows_of(rank)])
+        self.order = torch.empty(len(where), dtype=torch.long)
+        self.order[where] = torch.arange(len(where))
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         if self.w.size == 1:
@@ -516,6 +518,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 kl = rl.kl_estimate(old_logp, ref_logp, kl_est) * mask  # per token; in the reward or (kl_as_loss) logged
                 seq_kl = kl.sum(1)
             all_sum = w.all_sum if w.size > 1 else None  # statistics over the global batch, every rank's rows
+            n_tok = w.all_sum(mask.sum())  # the global batch's real tokens
             if algo == "ppo":
                 rewards = rl.kl_penalised_rewards(score, torch.zeros_like(kl) if kl_as_loss else kl, beta, lengths)
                 adv, returns = rl.gae(rewards, old_values, mask, P.gamma, P.lam)
@@ -533,7 +536,7 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
                 adv, returns = a[:, None] * mask, None
                 adv_mean, adv_var = rl.masked_moments(a, torch.ones_like(a), all_sum)  # per sequence
             adv_stats = {"advantages/mean_raw": adv_mean.item(), "advantages/std_raw": adv_var.clamp(min=0).sqrt().item(),
-                         "advantages/abs_mean": w.all_sum(rl.masked_mean(adv.abs(), mask, total=w.all_sum(mask.sum()))).item()}
+                         "advantages/abs_mean": w.all_sum(rl.masked_mean(adv.abs(), mask, total=n_tok)).item()}
             # ---- 6. optimise --------------------------------------------------------------------
             t0 = time.time()
             stats = optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref_logp, old_values,
@@ -544,7 +547,6 @@ def train(cfg: PPOConfig, reward_fn=None, on_step=None) -> dict:
             if on_policy:
                 seq_kl = (rl.kl_estimate(old_logp, ref_logp, kl_est) * mask).sum(1)
             # the rollout engine's log-probs of its own samples against the trainer's (bf16 copy, or vLLM's kernels)
-            n_tok = w.all_sum(mask.sum())
             engine_gap = {"rollout/engine_logp_gap": (w.all_sum(((old_logp - batch["engine_logp"]).abs() * mask).sum()) / n_tok).item(),
                           "rollout/engine_kl": (w.all_sum(((batch["engine_logp"] - old_logp) * mask).sum()) / n_tok).item()}
             # ---- 7. KL control, metrics, samples, checkpoints -----------------------------------
@@ -668,7 +670,7 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
     head = critic if isinstance(critic, ValueHead) else None  # values from the policy's own forward
 
     def minibatch_loss(mb, idx, m, total, n_tokens):
-        """The minibatch share's loss (normalised by the global minibatch's `total`) and its statistics as
+        """(Run under autocast, through w.call.) The minibatch share's loss (normalised by the global minibatch's `total`) and its statistics as
         sums over its tokens (`n` real tokens), for the all-reduce."""
         logp, ent, values = policy_forward(policy, mb, cfg.rollout.temperature, with_entropy="grad" if P.ent_coef else True,
                                            value_head=head)
@@ -692,8 +694,7 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
             parts["rollout/tis_capped"] = float(((tis >= cfg.rollout.tis_cap) * m).sum())
         if critic is not None:
             if head is None:
-                with autocast(device, dtype):
-                    values = critic_forward(critic, mb)
+                values = critic_forward(critic, mb)
             vf_loss, vf_clipfrac = rl.ppo_value_loss(values.float(), old_values[idx, :T], returns[idx, :T], m, P.vf_clip,
                                                      total=n_tokens)
             loss = loss + P.vf_coef * vf_loss
@@ -701,8 +702,7 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
         if ptx is not None and not critic_only:  # PPO-ptx: keep the language-modelling ability (each rank its own rows)
             sample = random.sample(ptx, min(len(ptx), max(1, P.minibatch_size // w.size)))
             pb = D.collate(sample, tok.pad_token_id)
-            with autocast(device, dtype):
-                logits = policy(input_ids=pb["input_ids"].to(device), attention_mask=pb["attention_mask"].to(device)).logits
+            logits = policy(input_ids=pb["input_ids"].to(device), attention_mask=pb["attention_mask"].to(device)).logits
             lm = sft_loss(token_logprobs(logits, pb["input_ids"].to(device)), pb["loss_mask"].to(device), int(pb["loss_mask"][:, 1:].sum()))
             loss = loss + P.ptx_coef * lm / w.size  # the ranks' shares sum to the mean of their ptx losses
             parts["loss/ptx"] = lm.item() / w.size
@@ -759,14 +759,9 @@ def optimise(cfg, policy, critic, optimizer, params, guard, batch, old_logp, ref
 
 def explained_variance(values, returns, mask, all_sum=None) -> float:
     """1 - Var(R - V) / Var(R) over real tokens: 1 = perfect critic, <= 0 = no better than a constant.
-    `all_sum`: over every rank's tokens (sums and sums of squares, all-reduced)."""
-    m = mask.bool()
-    r, d = returns[m].double(), (returns[m] - values[m]).double()
-    sums = torch.stack([torch.tensor(float(len(r)), dtype=torch.float64), r.sum(), (r**2).sum(), d.sum(), (d**2).sum()])
-    n, sr, srr, sd, sdd = (all_sum(sums) if all_sum else sums).tolist()
-    if n < 2:
-        return float("nan")
-    var_r, var_d = (srr - sr**2 / n) / (n - 1), (sdd - sd**2 / n) / (n - 1)
+    `all_sum`: over every rank's tokens (losses.rl.masked_moments)."""
+    var_r = rl.masked_moments(returns.double(), mask, all_sum)[1].item()
+    var_d = rl.masked_moments((returns - values).double(), mask, all_sum)[1].item()
     return float("nan") if var_r <= 0 else 1 - var_d / var_r
 
 
